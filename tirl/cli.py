@@ -1,0 +1,87 @@
+"""``tirl`` command line.
+
+    tirl train [--config RECIPE_OR_TOML] [--model NAME_OR_PATH] [key.sub=value ...]
+    tirl model prepare [NAME]        convert an embedded model into the cache (done on first use anyway)
+    tirl recipes                     list the built-in recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tirl.config import load_config
+    from tirl.train import train
+
+    overrides = ([f"model.name={json.dumps(args.model)}"] if args.model else []) + list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    _quiet_libraries()
+    path = train(cfg, progress=not args.no_progress)
+    print(f"[tirl] done: metrics, trajectories and checkpoint in {path}")
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from tirl.models import resolve_model_path
+
+    _quiet_libraries()
+    print(resolve_model_path(args.name, args.cache_dir))
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from tirl.config import RECIPES_DIR
+
+    for p in sorted(RECIPES_DIR.glob("*.toml")):
+        first = next((ln.lstrip("# ").strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"{p.stem:20s} {first}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tirl", description="Tool-integrated RL for language models.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="run GRPO with tool-integrated rollouts")
+    t.add_argument("--config", default="demo", help="a recipe name (see `tirl recipes`) or a TOML file [demo]")
+    t.add_argument("--model", default=None, help="embedded name, local HF folder or hub id (= model.name=...)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=3 rollout.group_size=8")
+    t.set_defaults(fn=_cmd_train)
+    m = sub.add_parser("model", help="model utilities")
+    m.add_argument("action", choices=["prepare"])
+    m.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    m.add_argument("--cache-dir", default=None)
+    m.set_defaults(fn=_cmd_model)
+    r = sub.add_parser("recipes", help="list built-in recipes")
+    r.set_defaults(fn=_cmd_recipes)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tirl.types import TirlError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except TirlError as e:
+        print(f"tirl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tirl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

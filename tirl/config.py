@@ -1,0 +1,251 @@
+"""Validated configuration: one pydantic model per stage, recipes as TOML, CLI overrides.
+
+Defaults live here and only here. A recipe (``tirl/recipes/NAME.toml`` or any TOML file) sets
+some of them; ``key.sub=value`` overrides on the command line set more. Unknown keys are errors
+that name the key and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tirl.types import TirlError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "smollm2-135m-instruct"
+    """An embedded model name, a local Hugging Face folder, or a hub id (where a hub is reachable)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights and optimizer dtype. float32 is the safe default for small learning rates."""
+    cache_dir: str | None = None
+    """Where embedded models are converted to; default ``$TIRL_CACHE_DIR`` or ``~/.cache/tirl``."""
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(_Strict):
+    source: str = "synthetic:arithmetic"
+    """``synthetic:arithmetic`` (the embedded generator) or a path to a .jsonl/.json/.parquet file."""
+    problem_field: str = "problem"
+    """Dotted path to the question in a row, e.g. ``prompt.-1.content`` for verl parquet."""
+    answer_field: str = "answer"
+    """Dotted path to the reference answer, e.g. ``reward_model.ground_truth``."""
+    id_field: str | None = "id"
+    limit: int | None = Field(default=None, ge=1)
+    num_synthetic: int = Field(default=2000, ge=1)
+    """How many problems the synthetic generator makes."""
+    difficulty: int = Field(default=1, ge=1, le=3)
+    """Synthetic problems: 1 = 3-4 digit operands, 3 = larger."""
+    seed: int = 0
+
+
+class PromptConfig(_Strict):
+    style: Literal["chat", "raw"] = "chat"
+    """``chat``: the tokenizer's chat template (instruct models); ``raw``: ``template`` as plain text."""
+    system: str | None = (
+        "You are a helpful assistant who solves math problems. You can run Python: write a "
+        "program in a ```python code block and it will be executed; its output is shown to you "
+        "in a ```output block. Then give the final answer as \\boxed{answer}."
+    )
+    template: str = "{problem}"
+    """The user message (chat) or the whole prompt (raw); ``{problem}`` is replaced."""
+
+
+class SandboxConfig(_Strict):
+    timeout_s: float = Field(default=5.0, gt=0)
+    max_output_bytes: int = Field(default=65536, ge=256)
+    memory_mb: int = Field(default=1024, ge=64)
+    max_workers: int = Field(default=4, ge=1)
+
+
+class RolloutConfig(_Strict):
+    prompts_per_step: int = Field(default=4, ge=1)
+    group_size: int = Field(default=4, ge=1)
+    """Samples per prompt (GRPO's G)."""
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    max_tool_calls: int = Field(default=1, ge=0)
+    """ToRL's C: at most this many code executions per trajectory; after the last, code is not run."""
+    max_tokens_per_turn: int = Field(default=256, ge=1)
+    max_response_tokens: int = Field(default=512, ge=1)
+    """Budget for everything after the prompt (model tokens and tool-output tokens)."""
+    obs_head_chars: int = Field(default=128, ge=0)
+    obs_tail_chars: int = Field(default=128, ge=0)
+    generation_batch_size: int = Field(default=16, ge=1)
+
+
+class RewardConfig(_Strict):
+    fn: str = "torl"
+    """A name in ``tirl.reward.REWARDS``."""
+    correct: float = 1.0
+    incorrect: float = -1.0
+
+
+class AlgoConfig(_Strict):
+    advantage: str = "grpo"
+    """A name in ``tirl.advantage.ADVANTAGES``."""
+    loss: str = "ppo_clip"
+    """A name in ``tirl.loss.POLICY_LOSSES``."""
+    aggregation: str = "token-mean"
+    """A name in ``tirl.loss.AGGREGATIONS``."""
+    clip_low: float = Field(default=0.2, ge=0)
+    clip_high: float = Field(default=0.2, ge=0)
+    adv_eps: float = Field(default=1e-6, gt=0)
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(default=1.0, gt=0)
+    micro_batch_size: int = Field(default=4, ge=1)
+    warmup_steps: int = Field(default=0, ge=0)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(default=10, ge=1)
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None
+    """Default: ``<recipe>-<timestamp>``."""
+    save_every: int = Field(default=0, ge=0)
+    """Save a checkpoint every N steps (0 = only the final one)."""
+    save_trajectories: bool = True
+    threads: int | None = Field(default=None, ge=1)
+    """torch CPU threads (default: torch's choice)."""
+
+
+class Config(_Strict):
+    recipe: str = "default"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    prompt: PromptConfig = PromptConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    algo: AlgoConfig = AlgoConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> "Config":
+        if self.rollout.max_tokens_per_turn > self.rollout.max_response_tokens:
+            raise ValueError(
+                "rollout.max_tokens_per_turn must be <= rollout.max_response_tokens "
+                f"(got {self.rollout.max_tokens_per_turn} > {self.rollout.max_response_tokens})"
+            )
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a CLI override value as TOML (numbers, booleans, strings, arrays); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise TirlError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    raise TirlError(
+        f"config {name_or_path!r} is neither a file nor a recipe name. Recipes: {', '.join(known)}. "
+        "Fix: pass --config with a TOML file path or one of those names."
+    )
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    lines = [f"invalid configuration ({where}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_for(e["loc"][:-1])
+            valid = ", ".join(section.model_fields) if section else "?"
+            lines.append(f"  - unknown key {key!r}. Valid keys here: {valid}")
+        else:
+            lines.append(f"  - {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from a recipe (name or TOML path) and ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    where = "defaults"
+    if config is not None:
+        path = resolve_recipe(config)
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise TirlError(f"{path}: not valid TOML: {e}") from None
+        tree.setdefault("recipe", path.stem)
+        where = str(path)
+    for item in overrides:
+        if "=" not in item:
+            raise TirlError(f"override {item!r} is not of the form key.sub=value (e.g. train.steps=3)")
+        key, value = item.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_value(value.strip()))
+    if overrides:
+        where += " + overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise TirlError(_format_validation_error(e, where)) from None
+
+
+def config_to_toml(cfg: Config) -> str:
+    """Write a config back as TOML (for the run directory), so a run can be re-launched from it."""
+    lines: list[str] = [f"recipe = {_toml_value(cfg.recipe)}"]
+    for name, section in cfg:
+        if not isinstance(section, BaseModel):
+            continue
+        lines.append(f"\n[{name}]")
+        for key, value in section:
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{s}"'

@@ -1,0 +1,31 @@
+"""Per-batch statistics of trajectories (ToRL Fig. 5, ReTool Fig. 3)."""
+
+from __future__ import annotations
+
+import statistics
+
+from tirl.rollout.protocol import has_code
+from tirl.types import Trajectory
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+    calls = [c for t in trajs for c in t.tool_calls]
+    correct = [bool(t.reward_info.get("correct")) for t in trajs]
+    return {
+        "reward_mean": _mean([t.reward for t in trajs]),
+        "reward_std": statistics.pstdev([t.reward for t in trajs]) if trajs else float("nan"),
+        "accuracy": _mean([float(c) for c in correct]),
+        "response_len": _mean([float(t.response_len) for t in trajs]),
+        "policy_tokens": _mean([float(sum(t.mask)) for t in trajs]),
+        "tool_calls_per_traj": _mean([float(len(t.tool_calls)) for t in trajs]),
+        "tool_error_rate": _mean([0.0 if c.result.ok else 1.0 for c in calls]),
+        "tool_timeout_rate": _mean([1.0 if c.result.timed_out else 0.0 for c in calls]),
+        "code_ratio": _mean([1.0 if has_code(t.policy_text) else 0.0 for t in trajs]),
+        "executed_code_ratio": _mean([1.0 if t.tool_calls else 0.0 for t in trajs]),
+        "boxed_ratio": _mean([1.0 if t.reward_info.get("extracted") is not None else 0.0 for t in trajs]),
+        "truncation_ratio": _mean([1.0 if t.finish_reason == "length" else 0.0 for t in trajs]),
+    }

