@@ -11,10 +11,14 @@ stamp="$VENV/.tirl-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh |
 
 quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
-if [ "$(id -u)" = 0 ] && ! command -v bwrap >/dev/null 2>&1; then
-  echo "[setup] installing bubblewrap (sandbox isolation)"
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }; then
-    echo "[setup] WARNING: could not install bubblewrap; the sandbox will run with fewer protections" >&2
+# The sandbox: bubblewrap for isolation, and the system python3 with numpy/sympy as the sandboxed
+# interpreter (it lives entirely under /usr, so nothing else of the host is mounted inside).
+SYS_PKGS="bubblewrap python3-numpy python3-sympy"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+   ! { command -v bwrap >/dev/null && /usr/bin/python3 -I -c "import numpy, sympy" 2>/dev/null; }; then
+  echo "[setup] installing $SYS_PKGS (sandbox isolation and interpreter)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SYS_PKGS >/dev/null; }; then
+    echo "[setup] WARNING: could not install $SYS_PKGS; the sandbox will run with fewer protections" >&2
   fi
 fi
 

@@ -2,6 +2,7 @@
 
     tirl train [--config RECIPE_OR_TOML] [--model NAME_OR_PATH] [key.sub=value ...]
     tirl model prepare [NAME]        convert an embedded model into the cache (done on first use anyway)
+    tirl sandbox serve|bench|check   SandboxFusion-compatible server, benchmark, isolation check
     tirl recipes                     list the built-in recipes
 """
 
@@ -41,6 +42,35 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_pool(args: argparse.Namespace):
+    from tirl.sandbox import ZygotePool
+
+    return ZygotePool(lanes=args.lanes, timeout_s=args.timeout, isolation=args.isolation)
+
+
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    if args.action == "serve":
+        from tirl.sandbox.fusion import main_serve
+
+        main_serve(_make_pool(args), args.host, args.port, args.max_timeout)
+    elif args.action == "bench":
+        from tirl.sandbox.bench import format_table, run_bench
+
+        table = format_table(run_bench(n=args.n, baseline_n=args.baseline_n, lanes=args.lanes, isolation=args.isolation))
+        print(table)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(table + "\n")
+    else:  # check
+        with _make_pool(args) as pool:
+            res = pool.run("import numpy, sympy, sys; print(sys.version.split()[0], numpy.__version__, sympy.__version__)")
+            print(f"isolation: {pool.level.describe()}")
+            for m in pool.level.missing:
+                print(f"  missing: {m}")
+            print(f"interpreter: {pool.python} ({res.stdout.strip() or res.stderr.strip()})")
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from tirl.config import RECIPES_DIR
 
@@ -64,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     m.add_argument("--cache-dir", default=None)
     m.set_defaults(fn=_cmd_model)
+    sb = sub.add_parser("sandbox", help="the code sandbox: serve (SandboxFusion API), bench, check")
+    sb.add_argument("action", choices=["serve", "bench", "check"])
+    sb.add_argument("--host", default="127.0.0.1")
+    sb.add_argument("--port", type=int, default=8080)
+    sb.add_argument("--lanes", type=int, default=2, help="zygotes = executions at once [2]")
+    sb.add_argument("--timeout", type=float, default=5.0, help="default per-run timeout, s [5]")
+    sb.add_argument("--max-timeout", type=float, default=30.0, help="serve: cap on a request's run_timeout [30]")
+    sb.add_argument("--isolation", choices=["auto", "bwrap", "process"], default="auto")
+    sb.add_argument("--n", type=int, default=450, help="bench: executions through the pool [450]")
+    sb.add_argument("--baseline-n", type=int, default=72, help="bench: executions through the baseline [72]")
+    sb.add_argument("--out", default=None, help="bench: also append the table to this file")
+    sb.set_defaults(fn=_cmd_sandbox)
     r = sub.add_parser("recipes", help="list built-in recipes")
     r.set_defaults(fn=_cmd_recipes)
     return ap

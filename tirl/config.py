@@ -61,10 +61,30 @@ class PromptConfig(_Strict):
 
 
 class SandboxConfig(_Strict):
+    backend: Literal["pool", "subprocess", "sandboxfusion"] = "pool"
+    """``pool``: pre-forked isolated zygotes (default); ``subprocess``: a fresh process per call,
+    not isolated; ``sandboxfusion``: any SandboxFusion-compatible server at ``url``."""
     timeout_s: float = Field(default=5.0, gt=0)
     max_output_bytes: int = Field(default=65536, ge=256)
-    memory_mb: int = Field(default=1024, ge=64)
+    memory_mb: int = Field(default=1024, ge=256)
+    lanes: int = Field(default=2, ge=1)
+    """Zygotes in the pool = code executions at once."""
+    isolation: Literal["auto", "bwrap", "process"] = "auto"
+    """``auto``: bubblewrap when it works, else process-level protections (announced loudly)."""
+    uid: int | None = 64321
+    """Dedicated non-root uid for sandboxed code when tirl runs as root (None: keep the current uid)."""
+    python: str = "auto"
+    """Interpreter inside the sandbox; ``auto`` = /usr/bin/python3 when it has numpy+sympy."""
+    tmp_mb: int = Field(default=64, ge=1)
+    nproc: int = Field(default=128, ge=8)
+    url: str | None = None
+    """``backend = "sandboxfusion"``: the server, e.g. http://127.0.0.1:8080."""
     max_workers: int = Field(default=4, ge=1)
+    """Concurrent calls for the subprocess and sandboxfusion backends."""
+    replay_history: bool = False
+    """Run the trajectory's earlier successful blocks before each new one (stateful, ToRA style)."""
+    print_last_expr: bool = False
+    """Print the value of a bare last expression (as verl's ReTool recipe does)."""
 
 
 class RolloutConfig(_Strict):
@@ -139,6 +159,8 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check_budgets(self) -> "Config":
+        if self.sandbox.backend == "sandboxfusion" and not self.sandbox.url:
+            raise ValueError("sandbox.backend = 'sandboxfusion' needs sandbox.url (e.g. http://127.0.0.1:8080)")
         if self.rollout.max_tokens_per_turn > self.rollout.max_response_tokens:
             raise ValueError(
                 "rollout.max_tokens_per_turn must be <= rollout.max_response_tokens "

@@ -26,7 +26,7 @@ from tirl.reward import REWARDS, score
 from tirl.rollout import RolloutLimits, SamplingParams, rollout
 from tirl.rollout.hf_engine import HFEngine
 from tirl.run import RunDir
-from tirl.sandbox import SubprocessSandbox
+from tirl.sandbox import describe, make_sandbox
 from tirl.types import TirlError, Trajectory
 from tirl.update import policy_update
 
@@ -63,7 +63,7 @@ class Trainer:
             self.model.gradient_checkpointing_enable()
         self.engine = HFEngine(self.model, self.tok, cfg.rollout.generation_batch_size)
         s = cfg.sandbox
-        self.sandbox = SubprocessSandbox(s.timeout_s, s.max_output_bytes, s.memory_mb, s.max_workers)
+        self.sandbox = make_sandbox(s)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -71,7 +71,7 @@ class Trainer:
         r = cfg.rollout
         self.params = SamplingParams(r.temperature, r.top_p, r.top_k)
         self.limits = RolloutLimits(r.max_tool_calls, r.max_tokens_per_turn, r.max_response_tokens,
-                                    r.obs_head_chars, r.obs_tail_chars, s.timeout_s)
+                                    r.obs_head_chars, r.obs_tail_chars, s.timeout_s, s.replay_history, s.print_last_expr)
         self.state = TrainState()
 
     def step(self) -> tuple[dict[str, Any], list[Trajectory]]:
@@ -112,7 +112,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
 
     trainer = Trainer(cfg)
     run = RunDir.create(cfg)
-    run.log_event("start", steps=cfg.train.steps, model=cfg.model.name)
+    run.log_event("start", steps=cfg.train.steps, model=cfg.model.name, sandbox=describe(trainer.sandbox))
     bar = tqdm(total=cfg.train.steps, desc=f"tirl {cfg.recipe}", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         while trainer.state.step < cfg.train.steps:

@@ -100,3 +100,45 @@ def insertion(turn_text: str, obs: str) -> str:
     if OUTPUT_TRIGGER in after_block:
         return f"{sep}{obs}\n```\n"
     return f"{sep}{OUTPUT_TRIGGER}\n{obs}\n```\n"
+
+
+def print_last_expression(code: str) -> str:
+    """If the program ends with a bare expression (not a ``print(...)`` call), print its value
+    when it is not None, as a REPL would (verl's recipe wraps the last line in ``print``).
+    Code that does not parse is returned unchanged (the sandbox reports the SyntaxError)."""
+    import ast
+
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return code
+    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+        return code
+    node = tree.body[-1]
+    value = node.value
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "print":
+        return code
+    lines = code.splitlines(keepends=True)
+    head = "".join(lines[: node.lineno - 1]) + lines[node.lineno - 1][: node.col_offset]
+    expr = ast.get_source_segment(code, value) or ast.unparse(value)
+    tail_line = lines[node.end_lineno - 1][node.end_col_offset :] if node.end_lineno else ""
+    rest = tail_line + "".join(lines[node.end_lineno :]) if node.end_lineno else ""
+    return f"{head}__tirl_last__ = ({expr})\nif __tirl_last__ is not None:\n    print(__tirl_last__)\n{rest.lstrip(';')}"
+
+
+def with_replay(history: list[str], code: str) -> str:
+    """Run the trajectory's earlier successful blocks first, silently, then ``code`` (Qwen-Math /
+    ToRA style state). Their output is discarded and an error in them is ignored."""
+    if not history:
+        return code
+    cells = ",\n".join(repr(h) for h in history)
+    return (
+        "import contextlib as __tirl_cl, io as __tirl_io\n"
+        f"for __tirl_cell in [{cells}]:\n"
+        "    try:\n"
+        "        with __tirl_cl.redirect_stdout(__tirl_io.StringIO()), __tirl_cl.redirect_stderr(__tirl_io.StringIO()):\n"
+        "            exec(compile(__tirl_cell, '<previous cell>', 'exec'), globals())\n"
+        "    except BaseException:\n"
+        "        pass\n"
+        "del __tirl_cl, __tirl_io, __tirl_cell\n" + code
+    )

@@ -30,6 +30,8 @@ class RolloutLimits:
     obs_head_chars: int = 128
     obs_tail_chars: int = 128
     tool_timeout_s: float | None = None
+    replay_history: bool = False  # re-run the trajectory's earlier successful blocks first (stateful)
+    print_last_expr: bool = False  # print a bare last expression's value
 
 
 @dataclass
@@ -97,9 +99,18 @@ def rollout(
     return [b.t for b in builders], times
 
 
+def _program(b: _Builder, code: str, limits: RolloutLimits) -> str:
+    """What the sandbox runs for ``code``: the block itself by default (stateless, as ToRL/ReTool)."""
+    if limits.print_last_expr:
+        code = torl.print_last_expression(code)
+    if limits.replay_history:
+        code = torl.with_replay([c.code for c in b.t.tool_calls if c.result.ok], code)
+    return code
+
+
 def _run_tools(sandbox: Sandbox, tokenizer, pending, turn: int, limits: RolloutLimits) -> None:
     runnable = [(b, text, code) for b, text, code in pending if code is not None]
-    results = iter(sandbox.run_many([code for _, _, code in runnable], limits.tool_timeout_s))
+    results = iter(sandbox.run_many([_program(b, code, limits) for b, _, code in runnable], limits.tool_timeout_s))
     for b, text, code in pending:
         if code is None:  # the model wrote ```output without a python block before it
             res = ExecResult("", "", None, error="no ```python block to run before ```output")

@@ -1,0 +1,163 @@
+"""The pool as a service: soak, async, fallbacks, SandboxFusion compatibility, semantics."""
+
+import asyncio
+import json
+import os
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tirl.rollout.protocol import print_last_expression, with_replay
+from tirl.sandbox import SandboxFusionSandbox, ZygotePool
+from tirl.sandbox.fusion import fusion_response, parse_fusion_response, serve
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = ZygotePool(lanes=2, timeout_s=5.0)
+    yield p
+    p.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _soak(pool, n: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    codes = [(i, f"import math\nprint({i}, math.factorial({i % 20}))" if i % 7 else f"raise ValueError({i})") for i in range(n)]
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        results = list(ex.map(lambda ic: (ic[0], pool.run(ic[1])), codes))
+    import math
+
+    for i, r in results:
+        if i % 7:
+            assert r.ok and r.stdout == f"{i} {math.factorial(i % 20)}\n", (i, r)
+        else:
+            assert r.returncode == 1 and r.stderr.strip().endswith(f"ValueError: {i}"), (i, r)
+
+
+def test_soak_no_lost_or_wrong_results_no_growth(pool):
+    pool.run("pass")
+    procs_before, fds_before = len(pool.pids()), _fds()
+    _soak(pool, 1000)
+    assert len(pool.pids()) == procs_before and pool.stats["restarts"] == 0
+    assert _fds() <= fds_before + 2
+
+
+@pytest.mark.slow
+def test_soak_long(pool):
+    fds_before = _fds()
+    _soak(pool, 5000)
+    assert _fds() <= fds_before + 2
+
+
+def test_async_api_overlaps_and_is_bounded(pool):
+    async def main():
+        t0 = time.monotonic()
+        res = await asyncio.gather(*[pool.arun(f"import time; time.sleep(0.3); print({i})") for i in range(4)])
+        return res, time.monotonic() - t0
+
+    res, wall = asyncio.run(main())
+    assert [r.stdout.strip() for r in res] == ["0", "1", "2", "3"]
+    assert 0.55 < wall < 1.2  # 2 lanes: two rounds of 0.3 s, not four, not one
+
+
+def test_dead_zygote_is_replaced(pool):
+    victim = pool._lanes[0].proc
+    os.killpg(victim.pid, 9)
+    victim.wait()
+    results = [pool.run("print('alive')") for _ in range(3)]
+    assert all(r.stdout.strip() == "alive" for r in results)
+    assert pool.stats["restarts"] >= 1
+
+
+def test_process_isolation_fallback_says_so(capsys):
+    with pytest.warns(RuntimeWarning, match="WITHOUT"):
+        p = ZygotePool(lanes=1, isolation="process")
+    try:
+        assert not p.level.bwrap and not p.level.full and "bubblewrap" in " ".join(p.level.missing)
+        assert "SANDBOX WARNING" in capsys.readouterr().err
+        r = p.run("import os\nos.kill(os.getppid(), 9)")
+        assert "PermissionError" in r.stderr  # seccomp still guards the parent
+        assert p.run("print(sum(range(10)))").stdout.strip() == "45"
+    finally:
+        p.close()
+
+
+def test_unknown_isolation_is_rejected():
+    with pytest.raises(ValueError, match="isolation"):
+        ZygotePool(isolation="docker")
+
+
+def test_stdin_and_files(pool):
+    r = pool.run("import sys; print(sys.stdin.read().upper(), open('data/a.txt').read())", stdin="hello",
+                 files={"data/a.txt": b"file-content", "../escape.txt": b"x"})
+    assert r.stdout.strip() == "HELLO file-content"
+
+
+# -- SandboxFusion compatibility ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(pool):
+    srv = serve(pool, "127.0.0.1", 0, max_timeout=5.0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def _post(url, body):
+    req = urllib.request.Request(url + "/run_code", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=20) as r:
+        return json.loads(r.read())
+
+
+def test_server_speaks_sandboxfusion(server):
+    ok = _post(server, {"code": "print('hi')", "language": "python", "run_timeout": 3, "memory_limit_MB": 512})
+    assert ok["status"] == "Success" and ok["compile_result"] is None
+    assert ok["run_result"] == {**ok["run_result"], "status": "Finished", "return_code": 0, "stdout": "hi\n", "stderr": ""}
+    assert ok["run_result"]["execution_time"] > 0
+    err = _post(server, {"code": "1/0", "language": "python"})
+    assert err["status"] == "Failed" and err["run_result"]["return_code"] == 1 and "ZeroDivisionError" in err["run_result"]["stderr"]
+    slow = _post(server, {"code": "while True: pass", "language": "python", "run_timeout": 1})
+    assert slow["status"] == "Failed" and slow["run_result"]["status"] == "TimeLimitExceeded"
+    assert _post(server, {"code": "puts 1", "language": "ruby"})["status"] == "SandboxError"
+    with urllib.request.urlopen(server + "/v1/ping", timeout=5) as r:
+        assert r.read() == b"pong"
+
+
+def test_client_backend_against_our_server(server):
+    client = SandboxFusionSandbox(server, timeout_s=3.0)
+    r = client.run("print(2 ** 10)")
+    assert r.ok and r.stdout == "1024\n"
+    rs = client.run_many(["print(1)", "1/0", "while True: pass"], timeout=1.0)
+    assert rs[0].stdout == "1\n" and rs[1].returncode == 1 and rs[2].timed_out
+    down = SandboxFusionSandbox("http://127.0.0.1:9", timeout_s=1.0).run("print(1)")
+    assert down.error and "failed" in down.error
+
+
+def test_fusion_mapping_roundtrip():
+    from tirl.types import ExecResult
+
+    for res in [ExecResult("a\n", "", 0, duration_s=0.1), ExecResult("", "E", 1), ExecResult("", "", None, timed_out=True)]:
+        back = parse_fusion_response(fusion_response(res))
+        assert (back.stdout, back.stderr, back.returncode, back.timed_out) == (res.stdout, res.stderr, res.returncode, res.timed_out)
+    assert parse_fusion_response({"status": "SandboxError", "message": "boom"}).error == "boom"
+
+
+# -- execution semantics -----------------------------------------------------------------------
+def test_print_last_expression(pool):
+    assert pool.run(print_last_expression("x = 6\nx * 7")).stdout == "42\n"
+    assert pool.run(print_last_expression("import sympy as sp\nsp.factor(sp.Symbol('x')**2 - 1)")).stdout == "(x - 1)*(x + 1)\n"
+    assert print_last_expression("print(1)") == "print(1)"
+    assert pool.run(print_last_expression("def f():\n    pass\nf()")).stdout == ""  # None is not printed
+    assert print_last_expression("x = (") == "x = ("  # unparsable: unchanged
+
+
+def test_replay_restores_state_silently(pool):
+    code = with_replay(["x = 5\nprint('first')", "y = x * 2", "1/0"], "print(x + y)")
+    r = pool.run(code)
+    assert r.ok and r.stdout == "15\n"

@@ -1,0 +1,414 @@
+"""The zygote: a warm interpreter that forks one child per request. Runs INSIDE the sandbox.
+
+Standalone on purpose (stdlib + numpy/sympy only, no tirl imports): the pool starts it as
+``python3 -I -c <this file's source> ARGS`` inside bubblewrap, as a dedicated uid, where the
+tirl package is not visible.
+
+Protocol on stdin/stdout: frames of a 4-byte big-endian length + UTF-8 JSON. The zygote first
+writes ``{"ready": true, ...}``; then, for every request
+``{"code", "timeout", "max_output", "memory_mb", "nproc", "stdin", "files"}`` it writes one
+response ``{"stdout", "stderr", "returncode", "timed_out", "truncated", "duration", "error"}``.
+
+Per request: fork; the child makes itself a process-group leader, points fd 0/1/2 at a stdin
+file and two pipes, closes every other fd, sets rlimits, loads the seccomp filter and execs the
+code. The zygote reads both pipes with a cap, stops at the child's exit (seen through a pidfd,
+not pipe EOF: a daemonised grandchild may hold the pipes) or at the deadline, then SIGKILLs
+every remaining descendant (it is a child subreaper, so orphans are re-parented to it), reaps
+them, and empties the work directory.
+"""
+
+import ctypes
+import ctypes.util
+import io
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import struct
+import sys
+import time
+import traceback
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
+BLOCKED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "unshare", "setns", "bpf", "keyctl",
+    "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "perf_event_open",
+    "pivot_root", "chroot", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "reboot", "swapon", "swapoff", "userfaultfd", "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "kcmp",
+    "process_madvise", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "fanotify_init", "open_by_handle_at",
+    "name_to_handle_at", "move_mount", "open_tree", "fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr",
+    "quotactl", "acct", "settimeofday", "clock_settime", "adjtimex", "syslog", "vhangup", "iopl", "ioperm",
+)
+CLONE_NS_FLAGS = (0x10000000, 0x00020000, 0x40000000, 0x20000000, 0x08000000, 0x04000000, 0x02000000)
+# NEWUSER, NEWNS, NEWNET, NEWPID, NEWIPC, NEWUTS, NEWCGROUP
+AF_UNIX = 1
+
+
+class _Cmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+
+
+def build_seccomp(protected_pids):
+    """A libseccomp filter (allow by default, EPERM for the dangerous calls). None if unavailable."""
+    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Cmp)]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    ne, masked_eq, mask32 = 1, 7, 0xFFFFFFFF
+    ctx = lib.seccomp_init(allow)
+    if not ctx:
+        return None
+
+    def rule(syscall, *cmps, action=eperm):
+        nr = lib.seccomp_syscall_resolve_name(syscall.encode())
+        if nr < 0:
+            return
+        arr = (_Cmp * len(cmps))(*cmps) if cmps else None
+        if lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr) != 0:
+            raise OSError(f"seccomp rule for {syscall} failed")
+
+    for s in BLOCKED_SYSCALLS:
+        rule(s)
+    rule("clone3", action=enosys)  # glibc falls back to clone(), whose flags we can inspect
+    for flag in CLONE_NS_FLAGS:
+        rule("clone", _Cmp(0, masked_eq, flag, flag))
+    rule("socket", _Cmp(0, ne, AF_UNIX, 0))  # no sockets but AF_UNIX
+    for pid in set(protected_pids) | {1}:
+        for target in (pid, -pid):
+            rule("kill", _Cmp(0, masked_eq, mask32, target & mask32))
+        rule("tkill", _Cmp(0, masked_eq, mask32, pid & mask32))
+        rule("tgkill", _Cmp(0, masked_eq, mask32, pid & mask32))
+    rule("kill", _Cmp(0, masked_eq, mask32, mask32))  # kill(-1, ...): everyone
+    return _export_bpf(lib, ctx)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _export_bpf(lib, ctx):
+    """Compile the filter to a BPF program once; children install it with one prctl (~50 us)
+    instead of letting libseccomp regenerate it on every fork (~2 ms)."""
+    r, w = os.pipe()
+    rc = lib.seccomp_export_bpf(ctypes.c_void_p(ctx), w)
+    os.close(w)
+    prog = b""
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        prog += chunk
+    os.close(r)
+    if rc != 0 or not prog or len(prog) % 8:
+        return None
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    return _SockFprog(len(prog) // 8, ctypes.addressof(buf)), buf  # keep buf alive
+
+
+def install_seccomp(seccomp):
+    PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    prog, _buf = seccomp
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
+        return False
+    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.cast(ctypes.pointer(prog), ctypes.c_void_p), 0, 0) == 0
+
+
+PROTO_IN, PROTO_OUT = 0, 1  # replaced in main() by private copies
+
+
+def _read_exact(n):
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(PROTO_IN, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def read_frame():
+    head = _read_exact(4)
+    if head is None:
+        return None
+    body = _read_exact(struct.unpack(">I", head)[0])
+    return None if body is None else json.loads(body)
+
+
+def write_frame(obj):
+    data = json.dumps(obj).encode()
+    data = struct.pack(">I", len(data)) + data
+    while data:
+        data = data[os.write(PROTO_OUT, data):]
+
+
+def _descendants(root):
+    """Pids whose parent chain reaches ``root`` (read from /proc)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+                parent[int(entry)] = int(stat[stat.rindex(b")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier and p not in out}
+        out |= frontier
+    return out
+
+
+def kill_descendants():
+    """SIGKILL and reap everything the request left behind. Fast path: we are a child subreaper,
+    so once the direct child is reaped, any survivor (or its ancestor) is our child; if we have
+    no children at all, nothing is left and /proc need not be scanned."""
+    try:
+        if os.waitpid(-1, os.WNOHANG) == (0, 0):
+            pass  # children exist, none exited yet: scan
+    except ChildProcessError:
+        return
+    me = os.getpid()
+    for _ in range(100):
+        pids = _descendants(me)
+        if not pids:
+            break
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.001)
+        _reap_all()
+    _reap_all()
+
+
+def _reap_all():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def child(req, out_w, err_w, stdin_path, workdir, seccomp):
+    os.setsid()
+    fd_in = os.open(stdin_path, os.O_RDONLY)
+    os.dup2(fd_in, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.closerange(3, 65536)
+    mem = int(req["memory_mb"]) * 1024 * 1024
+    cpu = int(req["timeout"]) + 1
+    limits = [(resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, 16 << 20),
+              (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+    if req.get("nproc"):
+        limits.append((resource.RLIMIT_NPROC, int(req["nproc"])))
+    for what, value in limits:
+        resource.setrlimit(what, (value, value))
+    os.chdir(workdir)
+    if seccomp is not None and not install_seccomp(seccomp):
+        os.write(2, b"SandboxError: could not install the seccomp filter\n")
+        os._exit(70)
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
+    status = 0
+    try:
+        exec(compile(req["code"], "<code>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException as e:  # noqa: BLE001 - report everything, as the interpreter would
+        tb = e.__traceback__.tb_next if e.__traceback__ is not None else None  # drop this frame
+        sys.stderr.write("".join(traceback.format_exception(type(e), e, tb)))
+        status = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001 - stdout may be closed by the code
+        pass
+    os._exit(status & 0xFF)
+
+
+def serve_one(req, workroot, seccomp):
+    max_out = int(req["max_output"])
+    workdir = os.path.join(workroot, "work")
+    os.makedirs(workdir, exist_ok=True)
+    stdin_path = os.path.join(workroot, "stdin")
+    with open(stdin_path, "w", encoding="utf-8") as f:
+        f.write(req.get("stdin") or "")
+    for rel, content in (req.get("files") or {}).items():
+        path = os.path.normpath(os.path.join(workdir, rel))
+        if path.startswith(workdir + os.sep):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(content.encode("latin-1"))
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child(req, out_w, err_w, stdin_path, workdir, seccomp)
+        finally:
+            os._exit(71)
+    os.close(out_w)
+    os.close(err_w)
+    pidfd = os.pidfd_open(pid)
+    bufs = {out_r: bytearray(), err_r: bytearray()}
+    poller = select.poll()
+    for fd in (out_r, err_r, pidfd):
+        poller.register(fd, select.POLLIN)
+    deadline = t0 + float(req["timeout"])
+    open_fds, exited, timed_out, truncated = {out_r, err_r}, False, False, False
+
+    def read_some(fd):
+        """Read once; False when nothing more is to be read now (EOF, empty, or the cap hit)."""
+        nonlocal truncated
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            poller.unregister(fd)
+            open_fds.discard(fd)
+            return False
+        room = max_out - len(bufs[out_r]) - len(bufs[err_r])
+        bufs[fd] += chunk[:max(room, 0)]
+        truncated = truncated or len(chunk) > room
+        return not truncated
+
+    while not (exited or truncated):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        for fd, _ in poller.poll(max(1, int(left * 1000))):
+            if fd == pidfd:
+                exited = True
+            elif fd in open_fds:
+                read_some(fd)
+    if not exited:
+        for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+            try:
+                kill()
+            except OSError:
+                pass
+    _, status = os.waitpid(pid, 0)  # the direct child first, to keep its exit status
+    returncode = os.waitstatus_to_exitcode(status)
+    kill_descendants()  # grandchildren, daemons, orphans re-parented to us
+    for fd in list(open_fds):  # every writer is dead now: drain what is still buffered
+        os.set_blocking(fd, False)
+        while fd in open_fds and read_some(fd):
+            pass
+    for fd in (out_r, err_r, pidfd):
+        os.close(fd)
+    _clean(workroot)
+    return {
+        "stdout": bufs[out_r].decode("utf-8", "replace"), "stderr": bufs[err_r].decode("utf-8", "replace"),
+        "returncode": None if timed_out else returncode, "timed_out": timed_out, "truncated": truncated,
+        "duration": time.monotonic() - t0, "error": None,
+    }
+
+
+def _clean(workroot):
+    for name in os.listdir(workroot):
+        path = os.path.join(workroot, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def warm_up():
+    """Import what math code imports and run each sympy subsystem once: sympy loads many modules
+    lazily on first use (solvers, integrals, series, matrices...), which every child would pay."""
+    import cmath, collections, decimal, fractions, functools, itertools, math, random, re, statistics  # noqa: F401,E401
+    import numpy
+    import sympy
+
+    x, y = sympy.symbols("x y")
+    sympy.solve(x**2 - 5 * x + 6, x)
+    sympy.solve(x**3 - 6 * x**2 + 11 * x - 6, x)
+    sympy.solve([x + y - 3, x - y - 1], [x, y])
+    sympy.solveset(sympy.sin(x) - sympy.Rational(1, 2), x, sympy.Interval(0, 2 * sympy.pi))
+    sympy.simplify(sympy.sin(x) ** 2 + sympy.cos(x) ** 2)
+    sympy.simplify((x**2 - 1) / (x - 1))
+    sympy.factor(x**6 - 1), sympy.expand((x + 1) ** 5), sympy.apart(1 / (x**2 - 1))
+    sympy.nsimplify(sympy.sqrt(8)), sympy.Rational(3, 4) + sympy.sqrt(8), sympy.N(sympy.pi, 30)
+    sympy.integrate(x**2 * sympy.exp(x), x), sympy.integrate(sympy.sin(x), (x, 0, sympy.pi))
+    sympy.diff(sympy.sin(x) * x**3, x), sympy.limit(sympy.sin(x) / x, x, 0), sympy.series(sympy.exp(x), x, 0, 5)
+    sympy.summation(1 / x**2, (x, 1, sympy.oo)), sympy.Sum(x, (x, 1, 10)).doit()
+    sympy.Matrix([[1, 2], [3, 4]]).det(), sympy.Matrix([[1, 2], [3, 4]]).inv()
+    sympy.factorint(2**32 + 1), sympy.isprime(10**9 + 7), sympy.primerange(1, 100), sympy.binomial(10, 3)
+    sympy.Poly(x**3 - 1, x).all_roots(), sympy.gcd(x**2 - 1, x - 1), sympy.Eq(x, 1)
+    sympy.latex(sympy.sqrt(2) / 2), str(sympy.Rational(1, 3))
+    a = numpy.arange(10.0)
+    numpy.linalg.solve(numpy.eye(3), numpy.ones(3)), numpy.linalg.det(numpy.eye(2)), a.sum(), a.mean(), a.std()
+    numpy.polyfit(a, a**2, 2), numpy.roots([1, -3, 2])
+    return {"numpy": numpy.__version__, "sympy": sympy.__version__}
+
+
+def main():
+    global PROTO_IN, PROTO_OUT
+    # The protocol moves to private fds; fd 0/1 then point at /dev/null and stderr, so a stray
+    # print (ours or a library's) can never corrupt a frame. Children close every fd >= 3.
+    PROTO_IN, PROTO_OUT = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(2, 1)
+    workroot = sys.argv[1]
+    protected = [int(p) for p in sys.argv[2].split(",") if p] if len(sys.argv) > 2 else []
+    os.makedirs(workroot, exist_ok=True)
+    os.chdir(workroot)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        versions = warm_up()
+    except Exception as e:  # noqa: BLE001 - run without them, say so
+        versions = {"warm_up_error": repr(e)}
+    seccomp = build_seccomp([os.getpid(), os.getppid(), *protected])
+    import gc
+
+    gc.collect()
+    gc.freeze()  # children's GC then never touches (and copies) the inherited warm heap
+    libc.malloc_trim(0)  # return freed warm-up memory: fewer pages to map on every fork
+    write_frame({"ready": True, "pid": os.getpid(), "seccomp": seccomp is not None, "versions": versions,
+                 "python": sys.version.split()[0]})
+    while True:
+        req = read_frame()
+        if req is None:
+            return
+        try:
+            resp = serve_one(req, workroot, seccomp)
+        except Exception as e:  # noqa: BLE001 - the zygote must survive its own bugs too
+            kill_descendants()
+            resp = {"stdout": "", "stderr": "", "returncode": None, "timed_out": False, "truncated": False,
+                    "duration": 0.0, "error": f"zygote: {e!r}"}
+        write_frame(resp)
+
+
+if __name__ == "__main__":
+    main()
