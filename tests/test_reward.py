@@ -40,5 +40,5 @@ def test_torl_reward_counts_only_policy_text():
     good, hacked, none = _traj("42", "\\boxed{42}"), _traj("42", "```python\nprint(r'\\boxed{42}')\n```", "```output\n\\boxed{42}\n```"), _traj("42", "42")
     score([good, hacked, none], RewardConfig())
     assert (good.reward, hacked.reward, none.reward) == (1.0, -1.0, -1.0)
-    assert good.reward_info == {"correct": True, "extracted": "42"}
+    assert good.reward_info["correct"] is True and good.reward_info["extracted"] == "42"
     assert hacked.reward_info["extracted"] is None

@@ -9,27 +9,26 @@ import json
 import statistics
 
 from tirl.config import load_config
-from tirl.reward import register_reward
+from tirl.reward import register_term
 from tirl.train import Trainer
 
 
-@register_reward("toy_starts_with_digit")
+@register_term("toy_starts_with_digit")
 def _starts_with_digit(traj, cfg):
     text = traj.policy_text.lstrip()
-    ok = bool(text) and text[0].isdigit()
-    return (1.0 if ok else -1.0), {"correct": ok, "extracted": text[:1]}
+    return 1.0 if text and text[0].isdigit() else -1.0
 
 
 def test_reward_goes_up_on_toy_task(tiny_model_dir, tmp_path):
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({"problem": f"Say a number {i}", "answer": "0"}) + "\n" for i in range(8)))
     cfg = load_config(None, [
-        f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}", "reward.fn=toy_starts_with_digit",
+        f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}", "reward.terms={toy_starts_with_digit = 1.0, correct = 0.0}",
         "rollout.prompts_per_step=4", "rollout.group_size=8", "rollout.max_tokens_per_turn=4", "rollout.max_response_tokens=4",
         "rollout.max_tool_calls=0", "rollout.temperature=1.0", "optim.lr=3e-3", "optim.micro_batch_size=32", "train.seed=0",
     ])
     trainer = Trainer(cfg)
-    acc = [trainer.step()[0]["accuracy"] for _ in range(40)]
+    acc = [(trainer.step()[0]["reward_mean"] + 1) / 2 for _ in range(40)]  # fraction starting with a digit
     first, last = statistics.fmean(acc[:5]), statistics.fmean(acc[-5:])
     print(f"accuracy first 5 steps {first:.2f}, last 5 steps {last:.2f}:", " ".join(f"{a:.2f}" for a in acc))
     assert first < 0.5

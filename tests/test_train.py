@@ -23,7 +23,7 @@ def _overrides(tiny_model_dir, tmp_path, **extra):
         "rollout.max_response_tokens": 48, "rollout.temperature": 1.0, "optim.lr": 1e-3, "train.steps": 2,
     }
     base.update(extra)
-    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in base.items()]
+    return [f"{k}={json.dumps(v) if isinstance(v, str) and not v.startswith('{') else v}" for k, v in base.items()]
 
 
 def test_cli_train_writes_metrics_trajectories_checkpoint(tiny_model_dir, tmp_path, capsys):
@@ -43,12 +43,13 @@ def test_cli_train_writes_metrics_trajectories_checkpoint(tiny_model_dir, tmp_pa
 
 
 def test_training_changes_the_weights(tiny_model_dir, tmp_path):
-    cfg = load_config("demo", _overrides(tiny_model_dir, tmp_path, **{"reward.fn": "always_varied"}))
-    from tirl.reward import register_reward
+    from tirl.reward import register_term
 
-    @register_reward("always_varied")
-    def _varied(traj, cfg):  # fake reward for this unit test: alternates, so every group has signal
-        return (1.0 if len(traj.token_ids) % 2 else -1.0), {"correct": False, "extracted": None}
+    @register_term("always_varied")
+    def _varied(traj, cfg):  # fake reward term for this unit test: varies, so groups have signal
+        return 1.0 if len(traj.token_ids) % 2 else -1.0
+
+    cfg = load_config("demo", _overrides(tiny_model_dir, tmp_path, **{"reward.terms": "{always_varied = 1.0, correct = 0.0}"}))
 
     t = Trainer(cfg)
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}

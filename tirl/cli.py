@@ -3,6 +3,7 @@
     tirl train [--config RECIPE_OR_TOML] [--model NAME_OR_PATH] [key.sub=value ...]
     tirl model prepare [NAME]        convert an embedded model into the cache (done on first use anyway)
     tirl sandbox serve|bench|check   SandboxFusion-compatible server, benchmark, isolation check
+    tirl verify FILE.jsonl           audit the verifier on {gold, response} rows
     tirl recipes                     list the built-in recipes
 """
 
@@ -71,6 +72,13 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from tirl.reward.audit import audit_file
+
+    audit_file(args.file, args.out, args.workers, args.timeout)
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from tirl.config import RECIPES_DIR
 
@@ -106,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--baseline-n", type=int, default=72, help="bench: executions through the baseline [72]")
     sb.add_argument("--out", default=None, help="bench: also append the table to this file")
     sb.set_defaults(fn=_cmd_sandbox)
+    v = sub.add_parser("verify", help="audit the verifier: rows {gold, response} -> + extracted, correct")
+    v.add_argument("file")
+    v.add_argument("--out", default=None, help="write rows here (default: stdout)")
+    v.add_argument("--workers", type=int, default=2)
+    v.add_argument("--timeout", type=float, default=5.0, help="hard limit per answer, s [5]")
+    v.set_defaults(fn=_cmd_verify)
     r = sub.add_parser("recipes", help="list built-in recipes")
     r.set_defaults(fn=_cmd_recipes)
     return ap

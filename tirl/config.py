@@ -105,10 +105,17 @@ class RolloutConfig(_Strict):
 
 
 class RewardConfig(_Strict):
-    fn: str = "torl"
-    """A name in ``tirl.reward.REWARDS``."""
+    terms: dict[str, float] = {"correct": 1.0, "exec_penalty": 0.0, "overlong": 0.0, "format": 0.0}
+    """Reward = sum of weight x term (``tirl.reward.REWARD_TERMS``); weight 0 = logged metric only."""
     correct: float = 1.0
     incorrect: float = -1.0
+    overlong_buffer: int = Field(default=64, ge=0)
+    """DAPO overlong shaping: the penalty ramps over the last N tokens of the budget (DAPO: 4096)."""
+    overlong_max_tokens: int | None = Field(default=None, ge=1)
+    """Default: rollout.max_response_tokens."""
+    verifier_workers: int = Field(default=2, ge=1)
+    verifier_timeout_s: float = Field(default=5.0, gt=0)
+    """Hard limit per answer; a pathological answer counts as incorrect after it."""
 
 
 class AlgoConfig(_Strict):
@@ -159,6 +166,8 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check_budgets(self) -> "Config":
+        if self.reward.overlong_max_tokens is None:
+            self.reward.overlong_max_tokens = self.rollout.max_response_tokens
         if self.sandbox.backend == "sandboxfusion" and not self.sandbox.url:
             raise ValueError("sandbox.backend = 'sandboxfusion' needs sandbox.url (e.g. http://127.0.0.1:8080)")
         if self.rollout.max_tokens_per_turn > self.rollout.max_response_tokens:
@@ -269,5 +278,7 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{s}"'

@@ -22,7 +22,7 @@ from tirl.eval import rollout_metrics
 from tirl.loss import AGGREGATIONS, POLICY_LOSSES
 from tirl.models import load_model
 from tirl.prompt import render_prompt
-from tirl.reward import REWARDS, score
+from tirl.reward import Verifier, check_terms, score
 from tirl.rollout import RolloutLimits, SamplingParams, rollout
 from tirl.rollout.hf_engine import HFEngine
 from tirl.run import RunDir
@@ -40,10 +40,11 @@ class TrainState:
 def check_registries(cfg: Config) -> None:
     for what, name, reg in (
         ("algo.advantage", cfg.algo.advantage, ADVANTAGES), ("algo.loss", cfg.algo.loss, POLICY_LOSSES),
-        ("algo.aggregation", cfg.algo.aggregation, AGGREGATIONS), ("reward.fn", cfg.reward.fn, REWARDS),
+        ("algo.aggregation", cfg.algo.aggregation, AGGREGATIONS),
     ):
         if name not in reg:
             raise TirlError(f"unknown {what} {name!r}; registered: {', '.join(sorted(reg))}")
+    check_terms(cfg.reward.terms)
 
 
 class Trainer:
@@ -64,6 +65,7 @@ class Trainer:
         self.engine = HFEngine(self.model, self.tok, cfg.rollout.generation_batch_size)
         s = cfg.sandbox
         self.sandbox = make_sandbox(s)
+        self.verifier = Verifier(cfg.reward.verifier_workers, cfg.reward.verifier_timeout_s)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -85,7 +87,7 @@ class Trainer:
 
         trajs, times = rollout(self.engine, self.tok, self.sandbox, items, self.params, self.limits)
         t0 = time.perf_counter()
-        score(trajs, cfg.reward)
+        score(trajs, cfg.reward, self.verifier)
         t_reward = time.perf_counter() - t0
         rewards = torch.tensor([t.reward for t in trajs]).view(r.prompts_per_step, r.group_size)
         adv = ADVANTAGES[cfg.algo.advantage](rewards, eps=cfg.algo.adv_eps).flatten().tolist()
@@ -136,6 +138,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
         raise
     finally:
         trainer.sandbox.close()
+        trainer.verifier.close()
     bar.close()
     run.save_checkpoint(trainer.model, trainer.tok, trainer.state_dict(), "checkpoint")
     run.log_event("done", step=trainer.state.step)

@@ -28,4 +28,6 @@ def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "executed_code_ratio": _mean([1.0 if t.tool_calls else 0.0 for t in trajs]),
         "boxed_ratio": _mean([1.0 if t.reward_info.get("extracted") is not None else 0.0 for t in trajs]),
         "truncation_ratio": _mean([1.0 if t.finish_reason == "length" else 0.0 for t in trajs]),
+        **{f"reward/{name}": _mean([t.reward_info.get("terms", {}).get(name, float("nan")) for t in trajs])
+           for name in (trajs[0].reward_info.get("terms", {}) if trajs else {})},
     }

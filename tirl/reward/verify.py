@@ -1,50 +1,302 @@
-"""Answer equivalence: an exact fast path, then math-verify (gold first, both wrapped as LaTeX math).
+"""Answer equivalence: strict, fast, never hangs.
 
-This is the walking-skeleton verifier; the strict verifier (process pool with hard timeouts,
-interval/tuple/set rules, no decimal-for-exact credit) replaces it.
+``is_equivalent(gold, answer)`` decides in three tiers:
+
+1. **Fast path, in-process** (no sympy): normalised string equality; plain numbers on both sides
+   (integers with leading zeros or thousands separators, ``a/b``, ``\\frac{a}{b}``, decimals,
+   percentages are NOT assumed) compared exactly as fractions. Integers run at >100k pairs/s.
+2. **Exact numeric path, in a worker**: both sides parsed (math-verify's LaTeX parser, gold first);
+   when both are numbers without free symbols, equality is decided exactly with sympy, after
+   turning the answer's decimals into exact rationals. So ``0.5 = 1/2`` but ``0.3333333 != 1/3``,
+   ``3.14159265 != pi`` and ``1/2^99 != 1/2^98`` (math-verify's 6-digit rounding says yes).
+3. **math-verify** for everything structural (expressions, equations, intervals with their
+   brackets, ordered tuples, unordered sets, matrices, text answers), both sides wrapped as
+   ``$...$`` and gold first, its own timeouts off (they use ``signal.alarm``).
+
+Tiers 2-3 run in a pool of worker processes with a hard per-answer timeout: a worker that
+does not answer in time is killed and replaced and the answer counts as incorrect.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import queue
 import re
+import select
+import subprocess
+import sys
 import threading
+from dataclasses import dataclass
 from fractions import Fraction
 
-_INT = re.compile(r"^[+-]?\d+$")
+# ---------------------------------------------------------------------------------------------
+# Tier 1: normalisation and plain numbers (pure Python, no sympy)
+# ---------------------------------------------------------------------------------------------
+_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+_FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
+_FRAC_SHORT = re.compile(r"^(-?)\\[dt]?frac(\d)(\d)$")
+_NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+_RATIO = re.compile(r"^([+-]?\d+)/([+-]?\d+)$")
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
 
 
-def _normalise(s: str) -> str:
-    s = s.strip().strip("$").strip()
-    s = re.sub(r"\\text\{\s*([^}]*)\}", r"\1", s)
-    s = s.replace("\\!", "").replace("\\,", "").replace("{,}", "")
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # thousands separators
-    return s.replace(" ", "")
+def unwrap_braces(s: str) -> str:
+    """``{{x}}`` -> ``x``: brace groups that wrap the whole string (they change nothing in LaTeX)."""
+    s = s.strip()
+    while len(s) >= 2 and s[0] == "{" and s[-1] == "}":
+        depth = 0
+        for i, c in enumerate(s):
+            depth += {"{": 1, "}": -1}.get(c, 0)
+            if depth == 0 and i < len(s) - 1:
+                return s
+        s = s[1:-1].strip()
+    return s
 
 
-def _exact(gold: str, answer: str) -> bool | None:
-    """True/False when both sides are plain numbers; None when math-verify must decide."""
-    g, a = _normalise(gold), _normalise(answer)
-    if g == a:
-        return True
-    try:
-        if (_INT.match(g) or "/" in g or "." in g) and (_INT.match(a) or "/" in a or "." in a):
-            return Fraction(g) == Fraction(a)
-    except (ValueError, ZeroDivisionError):
-        return None
+def normalise(s: str) -> str:
+    """Remove presentation only: ``$``, spaces, ``\\left``/``\\right``, ``\\!``/``\\,``, a trailing
+    period, ``^\\circ``, display-style fraction variants; never changes a value."""
+    s = unwrap_braces(s.strip().strip("$").strip())
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "").replace("\\;", "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", ",")
+    s = re.sub(r"\s+", "", s)
+    s = s.rstrip(".")
+    s = re.sub(r"\^\{?\\circ\}?$", "", s)
+    return s
+
+
+def _strip_units(s: str) -> str:
+    """``12\\text{ cm}`` -> ``12``; ``\\text{12}`` -> ``12`` (a number followed or wrapped by text)."""
+    m = _TEXT.fullmatch(s)
+    if m:
+        return m.group(1).strip()
+    return re.sub(r"(?<=[\d}])\\(?:text|mbox|mathrm)\{[^{}]*\}$", "", s)
+
+
+def _strip_parens(s: str) -> str:
+    """``((5))`` -> ``5``: outer parentheses that wrap everything and hold no comma (not a tuple)."""
+    while len(s) > 2 and s[0] == "(" and s[-1] == ")" and "," not in s:
+        depth = 0
+        for i, c in enumerate(s):
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            if depth == 0 and i < len(s) - 1:
+                return s  # the first "(" closes before the end: (a)(b), not one wrapper
+        s = s[1:-1]
+    return s
+
+
+def plain_number(s: str) -> Fraction | None:
+    """The exact value of a plain number written in ``s``, or None if ``s`` is anything else."""
+    s = _strip_parens(_strip_units(normalise(s)))
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    if _NUM.match(s):
+        return Fraction(s)
+    for pat in (_FRAC, _FRAC_SHORT):
+        m = pat.match(s)
+        if m and int(m.group(3)) != 0:
+            value = Fraction(int(m.group(2)), int(m.group(3)))
+            return -value if m.group(1) else value
+    m = _RATIO.match(s)
+    if m and int(m.group(2)) != 0:
+        return Fraction(int(m.group(1)), int(m.group(2)))
     return None
 
 
-def is_equivalent(gold: str, answer: str, timeout_s: int = 5) -> bool:
-    fast = _exact(gold, answer)
-    if fast is not None:
-        return fast
+def fast_verdict(gold: str, answer: str) -> bool | None:
+    """True/False when tier 1 can decide, None when the pool must."""
+    if normalise(gold) == normalise(answer):
+        return True
+    g, a = plain_number(gold), plain_number(answer)
+    if g is not None and a is not None:
+        return g == a
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiers 2-3: in a worker process
+# ---------------------------------------------------------------------------------------------
+def _exactify(expr):
+    import sympy
+
+    return expr.xreplace({f: sympy.Rational(str(f)) for f in expr.atoms(sympy.Float)})
+
+
+def _numeric(x):
+    import sympy
+
+    return isinstance(x, sympy.Expr) and not x.free_symbols and x.is_number
+
+
+def slow_verdict(gold: str, answer: str) -> bool:
+    """Tiers 2-3. Runs in a worker; may be slow on pathological input (the pool bounds it)."""
+    import sympy
     from math_verify import parse, verify
 
-    # math-verify's timeouts use signal.alarm, which only works in the main thread.
-    t = timeout_s if threading.current_thread() is threading.main_thread() else None
-    try:
-        g = parse(f"${gold}$", parsing_timeout=t)
-        a = parse(f"${answer}$", parsing_timeout=t)
-        return bool(g and a and verify(g, a, timeout_seconds=t))
-    except Exception:  # a verifier failure is an incorrect answer, never a crashed step
+    g = parse(f"${unwrap_braces(gold)}$", parsing_timeout=None)
+    a = parse(f"${unwrap_braces(answer)}$", parsing_timeout=None)
+    if not g or not a:
         return False
+    g0, a0 = g[0], a[0]
+    if _numeric(g0) and _numeric(a0) and not g0.has(sympy.Float):
+        # exact gold: the answer must equal it exactly (decimals taken at face value)
+        diff = sympy.simplify(g0 - _exactify(a0))
+        return bool(diff == 0)
+    return bool(verify(g, a, timeout_seconds=None))
+
+
+@dataclass
+class Verdict:
+    correct: bool
+    how: str  # "fast" (tier 1) | "slow" (tiers 2-3) | "timeout" | "error: ..." | "no answer"
+
+
+class _Worker:
+    """One ``python -m tirl.reward.worker`` process (a plain subprocess: no dependence on the
+    caller's ``__main__``, unlike multiprocessing's spawn)."""
+
+    def __init__(self):
+        self.start()
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "tirl.reward.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+        if self._readline(120) != '"ready"':
+            self.close()
+            raise RuntimeError("verifier worker failed to start (python -m tirl.reward.worker)")
+
+    def _readline(self, timeout: float) -> str | None:
+        assert self.proc.stdout is not None
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return None
+        line = self.proc.stdout.readline()
+        return line.strip() if line else None
+
+    def ask(self, gold: str, answer: str, timeout: float) -> Verdict:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps([gold, answer]) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.restart()
+            return Verdict(False, "error: verifier worker died")
+        line = self._readline(timeout)
+        if line is None:  # hung on a pathological input (or died): kill it; the answer is incorrect
+            self.restart()
+            return Verdict(False, "timeout")
+        status, value = json.loads(line)
+        return Verdict(bool(value), "slow") if status == "ok" else Verdict(False, f"error: {value}")
+
+    def restart(self) -> None:
+        self.close()
+        self.start()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f and f.close()
+            except OSError:
+                pass
+
+
+class Verifier:
+    """Batched, thread-safe answer checking with a hard per-answer timeout.
+
+    Workers (fresh interpreters, so safe beside torch and threads) start on the first answer
+    that needs them. ``verify_batch`` runs the fast path inline and spreads the rest over the workers."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0):
+        self.n_workers, self.timeout_s = workers, timeout_s
+        self._workers: queue.Queue[_Worker] | None = None
+        self._lock = threading.Lock()
+        self.stats = {"fast": 0, "slow": 0, "timeouts": 0, "errors": 0}
+
+    def _pool(self) -> queue.Queue[_Worker]:
+        with self._lock:
+            if self._workers is None:
+                q: queue.Queue[_Worker] = queue.Queue()
+                starters = [threading.Thread(target=lambda: q.put(_Worker())) for _ in range(self.n_workers)]
+                for t in starters:
+                    t.start()
+                for t in starters:
+                    t.join()
+                if q.qsize() == 0:
+                    raise RuntimeError("no verifier worker could start")
+                self._workers = q
+            return self._workers
+
+    def verify(self, gold: str, answer: str | None, fast: bool = True) -> Verdict:
+        """``fast=False`` skips tier 1 (the self-check uses it to exercise the parser on every gold)."""
+        if answer is None:
+            return Verdict(False, "no answer")
+        quick = fast_verdict(gold, answer) if fast else None
+        if quick is not None:
+            self.stats["fast"] += 1
+            return Verdict(quick, "fast")
+        pool = self._pool()
+        worker = pool.get()
+        try:
+            v = worker.ask(gold, answer, self.timeout_s)
+        finally:
+            pool.put(worker)
+        self.stats["slow" if v.how == "slow" else "timeouts" if v.how == "timeout" else "errors"] += 1
+        return v
+
+    def verify_batch(self, pairs: list[tuple[str, str | None]], fast: bool = True) -> list[Verdict]:
+        out: list[Verdict | None] = [None] * len(pairs)
+        slow = []
+        for i, (g, a) in enumerate(pairs):
+            if a is None:
+                out[i] = Verdict(False, "no answer")
+                continue
+            quick = fast_verdict(g, a) if fast else None
+            if quick is None:
+                slow.append(i)
+            else:
+                self.stats["fast"] += 1
+                out[i] = Verdict(quick, "fast")
+        if slow:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=self.n_workers) as ex:
+                for i, v in zip(slow, ex.map(lambda i: self.verify(*pairs[i], fast=False), slow)):
+                    out[i] = v
+        return out  # type: ignore[return-value]
+
+    async def averify_batch(self, pairs: list[tuple[str, str | None]]) -> list[Verdict]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.verify_batch, pairs)
+
+    def close(self) -> None:
+        if self._workers is not None:
+            while not self._workers.empty():
+                self._workers.get().close()
+            self._workers = None
+
+    def __enter__(self) -> "Verifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_default: Verifier | None = None
+
+
+def default_verifier() -> Verifier:
+    global _default
+    if _default is None:
+        _default = Verifier()
+    return _default
+
+
+def is_equivalent(gold: str, answer: str, timeout_s: float | None = None) -> bool:
+    """One pair through the shared default verifier."""
+    v = default_verifier()
+    if timeout_s is not None:
+        v.timeout_s = timeout_s
+    return v.verify(gold, answer).correct
