@@ -6,7 +6,7 @@ from pathlib import Path
 import tirl
 
 ORDER = ["types", "config", "models", "data", "prompt", "sandbox", "rollout", "reward", "advantage", "loss",
-         "update", "eval", "run", "train", "cli"]
+         "update", "eval", "run", "train", "report", "cli"]
 
 
 def _stage(module: str) -> str:

@@ -4,6 +4,8 @@
     tirl model prepare [NAME]        convert an embedded model into the cache (done on first use anyway)
     tirl sandbox serve|bench|check   SandboxFusion-compatible server, benchmark, isolation check
     tirl verify FILE.jsonl           audit the verifier on {gold, response} rows
+    tirl eval --model M --bench aime24,math500 [--n k] [--no-tools]
+    tirl report RUN_DIR              HTML report with a trajectory viewer, PNG plots
     tirl recipes                     list the built-in recipes
 """
 
@@ -79,6 +81,45 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from tirl.config import load_config
+    from tirl.eval.runner import evaluate, format_table
+    from tirl.models import load_model
+    from tirl.reward import Verifier
+    from tirl.sandbox import make_sandbox
+
+    overrides = [f"eval.benches={json.dumps(args.bench.split(','))}", f"eval.n={args.n}", f"eval.seed={args.seed}"]
+    overrides += [f"model.name={json.dumps(args.model)}"] if args.model else []
+    overrides += [f"eval.temperature={args.temperature}"] if args.temperature is not None else []
+    overrides += [f"eval.limit={args.limit}"] if args.limit else []
+    overrides += ["eval.tools=false"] if args.no_tools else []
+    overrides += [f"eval.data_dir={json.dumps(args.data_dir)}"] if args.data_dir else []
+    cfg = load_config(args.config, overrides + list(args.overrides))
+    if cfg.eval.n > 1 and cfg.eval.temperature == 0:
+        from tirl.types import TirlError
+
+        raise TirlError("eval.n > 1 needs sampling: pass --temperature (ReTool evaluates at 1.0)")
+    _quiet_libraries()
+    out = Path(args.out or f"runs/eval-{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir)
+    with make_sandbox(cfg.sandbox) as sandbox, Verifier(cfg.reward.verifier_workers, cfg.reward.verifier_timeout_s) as ver:
+        results = evaluate(model, tok, cfg, sandbox, ver, out)
+    print(format_table(results))
+    print(f"[tirl] scores in {out / 'results.json'}, trajectories in {out / 'trajectories'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tirl.report import write_report
+
+    path = write_report(args.run_dir, args.out, args.max_per_step)
+    print(f"[tirl] report: {path}")
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from tirl.config import RECIPES_DIR
 
@@ -120,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, default=2)
     v.add_argument("--timeout", type=float, default=5.0, help="hard limit per answer, s [5]")
     v.set_defaults(fn=_cmd_verify)
+    e = sub.add_parser("eval", help="evaluate a model on benchmarks (with or without tools)")
+    e.add_argument("--model", default=None, help="embedded name, local folder or hub id [the recipe's model]")
+    e.add_argument("--config", default="demo", help="recipe giving protocol, call limit, budgets [demo]")
+    e.add_argument("--bench", default="math500", help="comma-separated: aime24,aime25,math500,amc23,olympiadbench,minerva_math,gsm8k")
+    e.add_argument("--n", type=int, default=1, help="samples per problem (avg@n, pass@k, maj@n) [1 = greedy]")
+    e.add_argument("--temperature", type=float, default=None)
+    e.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    e.add_argument("--no-tools", action="store_true", help="text-only: no code execution")
+    e.add_argument("--data-dir", default=None, help="folder with <bench>.jsonl [$TIRL_DATA_DIR or ../shared/data/eval]")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default=None, help="output folder [runs/eval-<model>-<time>]")
+    e.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    e.set_defaults(fn=_cmd_eval)
+    rp = sub.add_parser("report", help="self-contained HTML report (curves, eval table, trajectory viewer) + PNG plots")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", default=None, help="[RUN_DIR/report.html]")
+    rp.add_argument("--max-per-step", type=int, default=64, help="trajectories per step kept in the page [64]")
+    rp.set_defaults(fn=_cmd_report)
     r = sub.add_parser("recipes", help="list built-in recipes")
     r.set_defaults(fn=_cmd_recipes)
     return ap

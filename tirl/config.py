@@ -139,6 +139,27 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(default=0, ge=0)
 
 
+class EvalConfig(_Strict):
+    benches: list[str] = ["math500"]
+    """Names (files ``<name>.jsonl`` in data_dir, or hub datasets where a hub is reachable)."""
+    data_dir: str | None = None
+    """Default: ``$TIRL_DATA_DIR``, else ``./shared/data/eval`` or ``../shared/data/eval``."""
+    limit: int | None = Field(default=None, ge=1)
+    """Evaluate the first N problems of each benchmark (a fixed subset)."""
+    n: int = Field(default=1, ge=1)
+    """Samples per problem (avg@n, pass@k, maj@n); 1 with temperature 0 = greedy accuracy."""
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    tools: bool = True
+    """Tool use on (the rollout's protocol and call limit) or off (text-only prompt, no execution)."""
+    no_tools_system: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    no_tools_template: str = "{problem}"
+    pass_ks: list[int] = [1, 2, 4, 8, 16, 32]
+    every: int = Field(default=0, ge=0)
+    """During training: evaluate every N steps (0 = never)."""
+    seed: int = 0
+
+
 class TrainConfig(_Strict):
     steps: int = Field(default=10, ge=1)
     seed: int = 0
@@ -150,6 +171,9 @@ class TrainConfig(_Strict):
     save_trajectories: bool = True
     threads: int | None = Field(default=None, ge=1)
     """torch CPU threads (default: torch's choice)."""
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
+    """JSONL is always written; TensorBoard and Weights & Biases when installed and listed here."""
+    wandb_project: str = "tirl"
 
 
 class Config(_Strict):
@@ -163,6 +187,7 @@ class Config(_Strict):
     algo: AlgoConfig = AlgoConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check_budgets(self) -> "Config":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tirl.config import Config, config_to_toml
-from tirl.types import Trajectory
+from tirl.types import TirlError, Trajectory
 
 
 def _clean(v: Any) -> Any:
@@ -28,6 +28,30 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = path
         (path / "trajectories").mkdir(parents=True, exist_ok=True)
+        self._tb = None
+        self._wandb = None
+
+    def attach_loggers(self, cfg: Config) -> None:
+        """TensorBoard / Weights & Biases, when listed in ``train.loggers`` (JSONL is always on)."""
+        if "tensorboard" in cfg.train.loggers:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TirlError("train.loggers has 'tensorboard' but it is not installed. Fix: pip install tensorboard") from None
+            self._tb = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+        if "wandb" in cfg.train.loggers:
+            try:
+                import wandb
+            except ImportError:
+                raise TirlError("train.loggers has 'wandb' but it is not installed. Fix: pip install wandb") from None
+            self._wandb = wandb.init(project=cfg.train.wandb_project, name=self.path.name, dir=str(self.path),
+                                     config=cfg.model_dump(mode="json"))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     @classmethod
     def create(cls, cfg: Config) -> "RunDir":
@@ -47,6 +71,14 @@ class RunDir:
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         self._append("metrics.jsonl", row)
+        numeric = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
+        step = int(row.get("step", 0))
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
 
     def log_event(self, event: str, **info: Any) -> None:
         self._append("events.jsonl", {"time": time.time(), "event": event, **info})

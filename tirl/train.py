@@ -19,6 +19,7 @@ from tirl.advantage import ADVANTAGES
 from tirl.config import Config
 from tirl.data import ProblemSampler, build_problems
 from tirl.eval import rollout_metrics
+from tirl.eval.runner import evaluate
 from tirl.loss import AGGREGATIONS, POLICY_LOSSES
 from tirl.models import load_model
 from tirl.prompt import render_prompt
@@ -103,6 +104,13 @@ class Trainer:
                    "time/tools": times.tools_s, "time/reward": t_reward, "time/update": t_update}
         return metrics, trajs
 
+    def evaluate(self, out_dir: Path) -> dict[str, float]:
+        """Periodic evaluation; returns flat ``eval/<bench>/<score>`` metrics."""
+        res = evaluate(self.model, self.tok, self.cfg, self.sandbox, self.verifier, out_dir)
+        flat = {f"eval/{b}/{k}": v for b, r in res["benches"].items() for k, v in r["scores"].items()}
+        flat.update({f"eval/avg/{k}": v for k, v in res["average"].items()})
+        return flat
+
     def state_dict(self) -> dict[str, Any]:
         return {**asdict(self.state), "seed": self.cfg.train.seed}
 
@@ -114,6 +122,12 @@ def train(cfg: Config, progress: bool = True) -> Path:
 
     trainer = Trainer(cfg)
     run = RunDir.create(cfg)
+    try:
+        run.attach_loggers(cfg)
+    except BaseException:
+        trainer.sandbox.close()
+        trainer.verifier.close()
+        raise
     run.log_event("start", steps=cfg.train.steps, model=cfg.model.name, sandbox=describe(trainer.sandbox))
     bar = tqdm(total=cfg.train.steps, desc=f"tirl {cfg.recipe}", unit="step", disable=not progress, dynamic_ncols=True)
     try:
@@ -121,9 +135,11 @@ def train(cfg: Config, progress: bool = True) -> Path:
             t0 = time.perf_counter()
             metrics, trajs = trainer.step()
             metrics["time/step"] = time.perf_counter() - t0
-            run.log_metrics(metrics)
             if cfg.train.save_trajectories:
                 run.log_trajectories(trainer.state.step, trajs)
+            if cfg.eval.every and trainer.state.step % cfg.eval.every == 0:
+                metrics.update(trainer.evaluate(run.path / "eval" / f"step_{trainer.state.step:06d}"))
+            run.log_metrics(metrics)
             if cfg.train.save_every and trainer.state.step % cfg.train.save_every == 0:
                 run.save_checkpoint(trainer.model, trainer.tok, trainer.state_dict(), f"checkpoint-{trainer.state.step}")
             bar.update(1)
@@ -139,6 +155,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
     finally:
         trainer.sandbox.close()
         trainer.verifier.close()
+        run.close()
     bar.close()
     run.save_checkpoint(trainer.model, trainer.tok, trainer.state_dict(), "checkpoint")
     run.log_event("done", step=trainer.state.step)
