@@ -70,7 +70,7 @@ def _trajs(tok, n=8, seed=0):
     return out
 
 
-def _grads(model, trajs, adv, micro):
+def _grads(model, trajs, adv, micro, algo=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: inspect gradients, keep weights
     grads = {}
     orig_step = opt.step
@@ -80,8 +80,8 @@ def _grads(model, trajs, adv, micro):
         orig_step()
 
     opt.step = capture
-    policy_update(model, opt, trajs, adv, AlgoConfig(), OptimConfig(micro_batch_size=micro, grad_clip=1e9),
-                  temperature=1.0, pad_id=0)
+    policy_update(model, opt, trajs, adv, algo or AlgoConfig(), OptimConfig(micro_batch_size=micro, grad_clip=1e9),
+                  temperature=1.0, pad_id=0, const_len=16)
     return grads
 
 

@@ -4,6 +4,7 @@
     tirl model prepare [NAME]        convert an embedded model into the cache (done on first use anyway)
     tirl sandbox serve|bench|check   SandboxFusion-compatible server, benchmark, isolation check
     tirl verify FILE.jsonl           audit the verifier on {gold, response} rows
+    tirl sft --data traces.jsonl     cold-start SFT, interpreter spans masked
     tirl eval --model M --bench aime24,math500 [--n k] [--no-tools]
     tirl report RUN_DIR              HTML report with a trajectory viewer, PNG plots
     tirl recipes                     list the built-in recipes
@@ -78,6 +79,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from tirl.reward.audit import audit_file
 
     audit_file(args.file, args.out, args.workers, args.timeout)
+    return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from tirl.config import load_config
+    from tirl.run import RunDir
+    from tirl.sft import run_sft
+
+    overrides = ([f"sft.data={json.dumps(args.data)}"] if args.data else []) + list(args.overrides)
+    overrides += [f"model.name={json.dumps(args.model)}"] if args.model else []
+    cfg = load_config(args.config, overrides)
+    _quiet_libraries()
+    model, tok, log = run_sft(cfg, progress=not args.no_progress)
+    name = cfg.train.run_name or f"sft-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunDir(Path(cfg.train.output_dir) / name)
+    for row in log:
+        run.log_metrics(row)
+    out = run.save_checkpoint(model, tok, {"step": len(log), "kind": "sft"})
+    print(f"[tirl] SFT done ({len(log)} steps, final loss {log[-1]['sft/loss']:.4f}); checkpoint in {out}")
     return 0
 
 
@@ -161,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, default=2)
     v.add_argument("--timeout", type=float, default=5.0, help="hard limit per answer, s [5]")
     v.set_defaults(fn=_cmd_verify)
+    sf = sub.add_parser("sft", help="cold-start SFT on code-integrated traces (interpreter output masked)")
+    sf.add_argument("--config", default="demo")
+    sf.add_argument("--data", default=None, help="traces .jsonl/.parquet (= sft.data)")
+    sf.add_argument("--model", default=None)
+    sf.add_argument("--no-progress", action="store_true")
+    sf.add_argument("overrides", nargs="*")
+    sf.set_defaults(fn=_cmd_sft)
     e = sub.add_parser("eval", help="evaluate a model on benchmarks (with or without tools)")
     e.add_argument("--model", default=None, help="embedded name, local folder or hub id [the recipe's model]")
     e.add_argument("--config", default="demo", help="recipe giving protocol, call limit, budgets [demo]")

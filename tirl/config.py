@@ -88,6 +88,8 @@ class SandboxConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
+    protocol: Literal["torl", "retool"] = "torl"
+    """Tool format: ToRL (```python / ```output) or ReTool (<code> / <interpreter>); see tirl.rollout.protocol."""
     prompts_per_step: int = Field(default=4, ge=1)
     group_size: int = Field(default=4, ge=1)
     """Samples per prompt (GRPO's G)."""
@@ -127,7 +129,32 @@ class AlgoConfig(_Strict):
     """A name in ``tirl.loss.AGGREGATIONS``."""
     clip_low: float = Field(default=0.2, ge=0)
     clip_high: float = Field(default=0.2, ge=0)
+    """> clip_low = DAPO's clip-higher (0.28)."""
+    clip_ratio_c: float | None = Field(default=None, gt=1)
+    """Dual-clip PPO: cap the loss of negative-advantage tokens at -A*c (verl/DAPO use 3 or 10)."""
     adv_eps: float = Field(default=1e-6, gt=0)
+    ppo_epochs: int = Field(default=1, ge=1)
+    mini_batches: int = Field(default=1, ge=1)
+    """Optimizer steps per epoch over the rollout batch."""
+    ratio_against: Literal["recompute", "sampler"] = "recompute"
+    """The ratio's denominator: the trainer's own log-probs before the update (verl), or the
+    sampler's (the behaviour policy, exact for off-policy correction when engines differ)."""
+    kl_coef: float = Field(default=0.0, ge=0)
+    """KL to the initial policy (a frozen copy); 0 = off (ToRL, ReTool, DAPO)."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"
+    entropy_coef: float = Field(default=0.0, ge=0)
+    """Entropy bonus in the loss (entropy is logged either way)."""
+    dynamic_sampling: bool = False
+    """DAPO: drop all-equal-reward groups and refill with new prompts."""
+    dynamic_sampling_rounds: int = Field(default=3, ge=0)
+    """Extra rollout rounds to refill (the step trains on what it has after them)."""
+    overlong_filter: bool = False
+    """DAPO: truncated trajectories take no part in the loss."""
+    void_turn_filter: bool = False
+    """SimpleTIR: trajectories with a void turn take no part in the loss."""
+    resample_on_correct: int = Field(default=1, ge=1)
+    """rStar2-Agent GRPO-RoC: sample this many times group_size, keep group_size (1 = off)."""
 
 
 class OptimConfig(_Strict):
@@ -137,6 +164,18 @@ class OptimConfig(_Strict):
     grad_clip: float = Field(default=1.0, gt=0)
     micro_batch_size: int = Field(default=4, ge=1)
     warmup_steps: int = Field(default=0, ge=0)
+
+
+class SFTConfig(_Strict):
+    data: str | None = None
+    """Traces (.jsonl/.parquet): ReTool-SFT rows, chat messages with tool turns, or {prompt, response}."""
+    epochs: int = Field(default=2, ge=1)
+    """ReTool: 2 epochs (verl's reproduction: 6)."""
+    steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps (overrides epochs)."""
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-5, gt=0)
+    max_len: int = Field(default=2048, ge=8)
 
 
 class EvalConfig(_Strict):
@@ -176,8 +215,14 @@ class TrainConfig(_Strict):
     wandb_project: str = "tirl"
 
 
+class RequirementsConfig(_Strict):
+    min_gpus: int = Field(default=0, ge=0)
+    """A recipe sized for a cluster says so before anything loads (override to run a scaled-down copy)."""
+
+
 class Config(_Strict):
     recipe: str = "default"
+    requirements: RequirementsConfig = RequirementsConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     prompt: PromptConfig = PromptConfig()
@@ -188,6 +233,7 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    sft: SFTConfig = SFTConfig()
 
     @model_validator(mode="after")
     def _check_budgets(self) -> "Config":
@@ -281,6 +327,20 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
         return Config.model_validate(tree)
     except ValidationError as e:
         raise TirlError(_format_validation_error(e, where)) from None
+
+
+def check_requirements(cfg: Config) -> None:
+    """Fail before loading anything when this machine cannot run the recipe as written."""
+    import torch
+
+    have = torch.cuda.device_count()
+    need = cfg.requirements.min_gpus
+    if have < need:
+        raise TirlError(
+            f"recipe {cfg.recipe!r} is sized for {need} GPUs (as in its paper); this machine has {have}. "
+            "Fix: run a scaled-down copy, e.g. tirl train --config " + cfg.recipe + " requirements.min_gpus=0 "
+            "model.name=smollm2-135m-instruct data.source=synthetic:arithmetic rollout.prompts_per_step=2 "
+            "rollout.group_size=2 rollout.max_response_tokens=256 rollout.max_tokens_per_turn=128 train.steps=2")
 
 
 def config_to_toml(cfg: Config) -> str:

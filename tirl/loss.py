@@ -20,6 +20,7 @@ class Normaliser:
 
     num_tokens: int  # tokens with mask 1
     num_seqs: int
+    const_len: int = 1  # Dr. GRPO's constant normaliser (the response-token budget)
 
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -48,20 +49,29 @@ def register_aggregation(name: str):
 def ppo_clip(
     logp_BT: torch.Tensor,
     old_logp_BT: torch.Tensor,
-    adv_B: torch.Tensor,
+    adv: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, per token: ``max(-A r, -A clip(r, 1-clip_low, 1+clip_high))``
-    with ``r = exp(logp - old_logp)``. Separate low/high ε allow DAPO's clip-higher."""
+    with ``r = exp(logp - old_logp)``. Separate low/high ε allow DAPO's clip-higher.
+    ``clip_ratio_c`` (dual-clip PPO, Ye et al. 2020): for A < 0 the loss is also capped at
+    ``-A c``, so one token with a huge ratio cannot dominate. ``adv`` is ``[B]`` or ``[B, T]``."""
     ratio = torch.exp(logp_BT - old_logp_BT)
-    adv = adv_B[:, None].to(ratio.dtype)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    a = (adv[:, None] if adv.dim() == 1 else adv).to(ratio.dtype)
+    unclipped = -a * ratio
+    clipped = -a * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(loss, dtype=torch.bool)
+    if clip_ratio_c is not None:
+        capped = torch.minimum(loss, -a * clip_ratio_c)
+        dual = (a < 0) & (capped < loss)
+        loss = torch.where(a < 0, capped, loss)
     stats = {
-        "clip_low": ((ratio < 1.0 - clip_low) & (adv < 0)).float(),
-        "clip_high": ((ratio > 1.0 + clip_high) & (adv > 0)).float(),
+        "clip_low": ((ratio < 1.0 - clip_low) & (a < 0)).float(),
+        "clip_high": ((ratio > 1.0 + clip_high) & (a > 0)).float(),
+        "clip_dual": dual.float(),
         "ratio": ratio.detach(),
     }
     return loss, stats
@@ -71,6 +81,37 @@ def ppo_clip(
 def token_mean(loss_BT: torch.Tensor, mask_BT: torch.Tensor, norm: Normaliser) -> torch.Tensor:
     """Sum over every policy token of the mini-batch / number of such tokens (DAPO's token-level loss)."""
     return (loss_BT * mask_BT).sum() / max(norm.num_tokens, 1)
+
+
+@register_aggregation("seq-mean-token-mean")
+def seq_mean_token_mean(loss_BT: torch.Tensor, mask_BT: torch.Tensor, norm: Normaliser) -> torch.Tensor:
+    """Each sequence's mean over its tokens, then the mean over sequences (GRPO's original 1/|o_i|)."""
+    per_seq = (loss_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)
+    return per_seq.sum() / max(norm.num_seqs, 1)
+
+
+@register_aggregation("seq-mean-token-sum")
+def seq_mean_token_sum(loss_BT: torch.Tensor, mask_BT: torch.Tensor, norm: Normaliser) -> torch.Tensor:
+    """Each sequence's sum over its tokens, then the mean over sequences."""
+    return (loss_BT * mask_BT).sum() / max(norm.num_seqs, 1)
+
+
+@register_aggregation("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(loss_BT: torch.Tensor, mask_BT: torch.Tensor, norm: Normaliser) -> torch.Tensor:
+    """Dr. GRPO: the token sum divided by a constant (sequences x the response budget), so neither
+    long nor short responses are favoured by the normaliser."""
+    return (loss_BT * mask_BT).sum() / max(norm.num_seqs * norm.const_len, 1)
+
+
+def kl_penalty(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman's k1/k3):
+    ``k1 = logp - ref``; ``k3 = exp(ref - logp) - (ref - logp) - 1`` (non-negative, low variance)."""
+    d = ref_logp_BT - logp_BT
+    if kind == "k1":
+        return -d
+    if kind == "k3":
+        return torch.exp(d) - d - 1
+    raise ValueError(f"unknown KL estimator {kind!r}; use k1 or k3")
 
 
 def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:

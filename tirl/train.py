@@ -6,6 +6,7 @@ Everything a step needs lives in :class:`Trainer`; the state that changes betwee
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 import traceback
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from tirl.advantage import ADVANTAGES
-from tirl.config import Config
+from tirl.config import Config, check_requirements
 from tirl.data import ProblemSampler, build_problems
 from tirl.eval import rollout_metrics
 from tirl.eval.runner import evaluate
@@ -25,11 +26,15 @@ from tirl.models import load_model
 from tirl.prompt import render_prompt
 from tirl.reward import Verifier, check_terms, score
 from tirl.rollout import RolloutLimits, SamplingParams, rollout
+from tirl.rollout.protocol import PROTOCOLS
 from tirl.rollout.hf_engine import HFEngine
 from tirl.run import RunDir
 from tirl.sandbox import describe, make_sandbox
+from tirl.shaping import has_signal, resample_on_correct, takes_part
 from tirl.types import TirlError, Trajectory
+from tirl.loss import kl_penalty
 from tirl.update import policy_update
+from tirl.update.step import sequence_logprobs
 
 
 @dataclass
@@ -50,6 +55,7 @@ def check_registries(cfg: Config) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config):
+        check_requirements(cfg)
         check_registries(cfg)
         self.cfg = cfg
         if cfg.train.threads:
@@ -63,6 +69,9 @@ class Trainer:
         self.model, self.tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        self.ref_model = None
+        if cfg.algo.kl_coef > 0:  # a frozen copy of the initial policy
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.engine = HFEngine(self.model, self.tok, cfg.rollout.generation_batch_size)
         s = cfg.sandbox
         self.sandbox = make_sandbox(s)
@@ -77,31 +86,79 @@ class Trainer:
                                     r.obs_head_chars, r.obs_tail_chars, s.timeout_s, s.replay_history, s.print_last_expr)
         self.state = TrainState()
 
-    def step(self) -> tuple[dict[str, Any], list[Trajectory]]:
+    def _sample_groups(self, n: int, timing: dict[str, float]) -> list[list[Trajectory]]:
+        """Roll out ``n`` new prompts x group_size (x the resample-on-correct factor), scored."""
         cfg, r = self.cfg, self.cfg.rollout
-        self.state.step += 1
-        torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.step)  # a step's samples depend on (seed, step)
-        problems = self.sampler.next(r.prompts_per_step)
+        k = cfg.algo.resample_on_correct
+        problems = self.sampler.next(n)
         p = cfg.prompt
         prompts = [render_prompt(pr, self.tok, p.style, p.template, p.system) for pr in problems]
-        items = [(pr, g, prompts[g]) for g, pr in enumerate(problems) for _ in range(r.group_size)]
-
-        trajs, times = rollout(self.engine, self.tok, self.sandbox, items, self.params, self.limits)
+        items = [(pr, g, prompts[g]) for g, pr in enumerate(problems) for _ in range(r.group_size * k)]
+        trajs, times = rollout(self.engine, self.tok, self.sandbox, items, self.params, self.limits, PROTOCOLS[r.protocol])
+        timing["generate"] += times.generate_s
+        timing["tools"] += times.tools_s
         t0 = time.perf_counter()
         score(trajs, cfg.reward, self.verifier)
-        t_reward = time.perf_counter() - t0
-        rewards = torch.tensor([t.reward for t in trajs]).view(r.prompts_per_step, r.group_size)
-        adv = ADVANTAGES[cfg.algo.advantage](rewards, eps=cfg.algo.adv_eps).flatten().tolist()
+        timing["reward"] += time.perf_counter() - t0
+        groups = [trajs[i * r.group_size * k : (i + 1) * r.group_size * k] for i in range(n)]
+        if k > 1:
+            rng = random.Random(cfg.train.seed * 1_000_003 + self.state.step)
+            groups = [resample_on_correct(g, r.group_size, rng) for g in groups]
+        return groups
 
+    def _collect(self, timing: dict[str, float]) -> tuple[list[list[Trajectory]], dict[str, float]]:
+        """prompts_per_step groups; with dynamic sampling, only groups with reward variance,
+        refilled for up to ``dynamic_sampling_rounds`` extra rounds."""
+        a, want = self.cfg.algo, self.cfg.rollout.prompts_per_step
+        groups: list[list[Trajectory]] = []
+        dropped = rounds = 0
+        while True:
+            new = self._sample_groups(want - len(groups), timing)
+            if a.dynamic_sampling:
+                kept = [g for g in new if has_signal(g)]
+                dropped, new = dropped + len(new) - len(kept), kept
+            groups += new
+            if not a.dynamic_sampling or len(groups) >= want or rounds >= a.dynamic_sampling_rounds:
+                break
+            rounds += 1
+        for gi, g in enumerate(groups):
+            for t in g:
+                t.group = gi
+        return groups, {"shaping/groups": float(len(groups)), "shaping/dropped_groups": float(dropped),
+                        "shaping/extra_rounds": float(rounds)}
+
+    def step(self) -> tuple[dict[str, Any], list[Trajectory]]:
+        cfg, r, a = self.cfg, self.cfg.rollout, self.cfg.algo
+        self.state.step += 1
+        torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.step)  # a step's samples depend on (seed, step)
+        timing = {"generate": 0.0, "tools": 0.0, "reward": 0.0}
+        groups, shaping = self._collect(timing)
+        trajs = [t for g in groups for t in g]
+        temperature = r.temperature or 1.0
         t0 = time.perf_counter()
-        upd = policy_update(self.model, self.optimizer, trajs, adv, cfg.algo, cfg.optim,
-                            temperature=r.temperature or 1.0, pad_id=self.engine.pad_id)
+        ref = None
+        if self.ref_model is not None and trajs:
+            ref = sequence_logprobs(self.ref_model, trajs, cfg.optim.micro_batch_size, self.engine.pad_id, temperature)
+            if a.kl_in == "reward":  # r -= beta * sum_t KL_t over the policy's tokens
+                for t, ref_lp in zip(trajs, ref):
+                    kl = kl_penalty(torch.tensor(t.logprobs), torch.tensor(ref_lp), a.kl_estimator)
+                    t.reward -= a.kl_coef * float((kl * torch.tensor(t.mask, dtype=torch.float)).sum())
+        upd: dict[str, float] = {}
+        if trajs:
+            rewards = torch.tensor([[t.reward for t in g] for g in groups])
+            adv = ADVANTAGES[a.advantage](rewards, eps=a.adv_eps).flatten().tolist()
+            part = [i for i, t in enumerate(trajs) if takes_part(t, a.overlong_filter, a.void_turn_filter)]
+            shaping["shaping/filtered_trajs"] = float(len(trajs) - len(part))
+            if part:
+                upd = policy_update(self.model, self.optimizer, [trajs[i] for i in part], [adv[i] for i in part], a,
+                                    cfg.optim, temperature=temperature, pad_id=self.engine.pad_id,
+                                    ref_logprobs=[ref[i] for i in part] if ref and a.kl_in == "loss" else None,
+                                    const_len=r.max_response_tokens, seed=cfg.train.seed * 1_000_003 + self.state.step)
         self.scheduler.step()
-        t_update = time.perf_counter() - t0
         self.state.data = self.sampler.state_dict()
         metrics = {"step": self.state.step, **rollout_metrics(trajs), **{f"update/{k}": v for k, v in upd.items()},
-                   "lr": self.scheduler.get_last_lr()[0], "time/generate": times.generate_s,
-                   "time/tools": times.tools_s, "time/reward": t_reward, "time/update": t_update}
+                   **shaping, "lr": self.scheduler.get_last_lr()[0], "time/generate": timing["generate"],
+                   "time/tools": timing["tools"], "time/reward": timing["reward"], "time/update": time.perf_counter() - t0}
         return metrics, trajs
 
     def evaluate(self, out_dir: Path) -> dict[str, float]:

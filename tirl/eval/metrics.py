@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import statistics
 
-from tirl.rollout.protocol import has_code
+from tirl.reward import void_turn
+from tirl.rollout.protocol import count_code_lines, has_code
 from tirl.types import Trajectory
+
+
+def first_call_position(t: Trajectory) -> float | None:
+    """Where the first tool call starts, as a fraction of the response (ReTool's code timing)."""
+    if not t.tool_calls or t.response_len == 0:
+        return None
+    return (t.tool_calls[0].span[0] - t.prompt_len) / t.response_len
+
+
+def _last_call_ok(t: Trajectory) -> float:
+    return 1.0 if t.tool_calls[-1].result.ok else 0.0
 
 
 def _mean(xs: list[float]) -> float:
@@ -15,6 +27,8 @@ def _mean(xs: list[float]) -> float:
 def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     calls = [c for t in trajs for c in t.tool_calls]
     correct = [bool(t.reward_info.get("correct")) for t in trajs]
+    with_calls = [t for t in trajs if t.tool_calls]
+    positions = [p for p in map(first_call_position, trajs) if p is not None]
     return {
         "reward_mean": _mean([t.reward for t in trajs]),
         "reward_std": statistics.pstdev([t.reward for t in trajs]) if trajs else float("nan"),
@@ -28,6 +42,12 @@ def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "executed_code_ratio": _mean([1.0 if t.tool_calls else 0.0 for t in trajs]),
         "boxed_ratio": _mean([1.0 if t.reward_info.get("extracted") is not None else 0.0 for t in trajs]),
         "truncation_ratio": _mean([1.0 if t.finish_reason == "length" else 0.0 for t in trajs]),
+        "code_pass_rate": _mean([_last_call_ok(t) for t in with_calls]),
+        "code_pass_rate_correct": _mean([_last_call_ok(t) for t in with_calls if t.reward_info.get("correct")]),
+        "code_pass_rate_incorrect": _mean([_last_call_ok(t) for t in with_calls if not t.reward_info.get("correct")]),
+        "code_lines": _mean([float(count_code_lines(t.policy_text)) for t in trajs]),
+        "first_call_position": _mean(positions),
+        "void_turn_ratio": _mean([1.0 if void_turn(t) else 0.0 for t in trajs]),
         **{f"reward/{name}": _mean([t.reward_info.get("terms", {}).get(name, float("nan")) for t in trajs])
            for name in (trajs[0].reward_info.get("terms", {}) if trajs else {})},
     }

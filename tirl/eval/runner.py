@@ -23,6 +23,7 @@ from tirl.eval.scores import aggregate, problem_scores
 from tirl.prompt import render_prompt
 from tirl.reward import Verifier, score
 from tirl.rollout import RolloutLimits, SamplingParams, rollout
+from tirl.rollout.protocol import PROTOCOLS
 from tirl.rollout.hf_engine import HFEngine
 from tirl.sandbox import Sandbox
 from tirl.types import Problem, TirlError
@@ -111,7 +112,7 @@ def evaluate(model, tok, cfg: Config, sandbox: Sandbox, verifier: Verifier, out_
         t0 = time.perf_counter()
         prompts = [render_prompt(p, tok, cfg.prompt.style, template, system) for p in problems]
         items = [(p, i, prompts[i]) for i, p in enumerate(problems) for _ in range(e.n)]
-        trajs, _ = rollout(engine, tok, sandbox, items, params, limits)
+        trajs, _ = rollout(engine, tok, sandbox, items, params, limits, PROTOCOLS[r.protocol])
         score(trajs, cfg.reward, verifier)
         per_problem = []
         for i in range(len(problems)):

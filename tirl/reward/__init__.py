@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from tirl.reward.extract import extract_answer, last_boxed
 from tirl.reward.verify import Verdict, Verifier, default_verifier, is_equivalent
-from tirl.rollout.protocol import strip_code
+from tirl.rollout.protocol import has_code, strip_code
 from tirl.types import TirlError, Trajectory
 
 TermFn = Callable[[Trajectory, Any], float]
@@ -73,6 +73,12 @@ def check_terms(names) -> None:
         raise TirlError(f"unknown reward terms {unknown}; registered: {sorted(REWARD_TERMS)}")
 
 
+def void_turn(t: Trajectory) -> bool:
+    """SimpleTIR's void turn: a model turn with neither a complete code block nor a final answer."""
+    return any(not has_code(s.text) and extract_answer(strip_code(s.text)) is None
+               for s in t.segments if s.kind == "model")
+
+
 def policy_answer(traj: Trajectory) -> str | None:
     return extract_answer(strip_code(traj.policy_text))
 
@@ -91,4 +97,4 @@ def score(trajectories: list[Trajectory], cfg: Any, verifier: Verifier | None = 
 
 
 __all__ = ["REWARD_TERMS", "Verdict", "Verifier", "extract_answer", "is_equivalent", "last_boxed", "policy_answer",
-           "register_term", "score"]
+           "register_term", "score", "void_turn"]

@@ -1,4 +1,6 @@
-"""The ToRL tool protocol: when to stop, which code to run, what to insert.
+"""Tool protocols as data: when to stop, which code to run, what to insert.
+
+``TORL`` and ``RETOOL`` are instances of one :class:`ToolProtocol`; what follows describes ToRL's.
 
 * **Stop** on ```` ```output ```` (what ToRL-trained models write) or on the closing fence of a
   ```` ```python ```` block (models that never saw ToRL's format never write ```` ```output ````).
@@ -12,48 +14,122 @@ from __future__ import annotations
 
 import re
 import signal as _signal
+from dataclasses import dataclass
 
 from tirl.rollout.engine import StopCondition
 from tirl.types import ExecResult
 
-OUTPUT_TRIGGER = "```output"
-_LANG = r"```(?:python3?|py)\b[^\n]*\n"  # the opening fence of a Python block
-_OPEN = re.compile(_LANG)
-_FENCE = re.compile(r"^```", re.M)
-_BLOCK = re.compile(_LANG + r"(.*?)^```", re.S | re.M)
 EMPTY_OUTPUT = "(no output)"
+_PY = r"(?:python3?|py)\b[^\n]*\n"  # the language tag line of a Python fence
 
 
-def find_stop(text: str) -> int | None:
-    """Offset just past the first tool trigger in ``text`` (one turn's generated text), or None."""
-    ends = []
-    i = text.find(OUTPUT_TRIGGER)
-    if i >= 0:
-        ends.append(i + len(OUTPUT_TRIGGER))
-    m = _OPEN.search(text)
-    if m:
-        close = _FENCE.search(text, m.end())
-        if close:
-            ends.append(close.end())
-    return min(ends) if ends else None
+@dataclass(frozen=True)
+class ToolProtocol:
+    """How a protocol marks code, asks for its output, and receives it — as data.
+
+    ``open_re`` finds the start of a code block; ``close_re`` (searched after it) its end, which is
+    a tool trigger; ``output_triggers`` are strings that also end a turn (ToRL's models write
+    ```` ```output ```` themselves); ``block_re`` matches a whole closed block, group 1 = code.
+    The inserted text is ``output_open + observation + output_close``, minus the trigger when the
+    model already wrote it."""
+
+    name: str
+    open_re: str
+    close_re: str
+    block_re: str
+    output_open: str
+    output_close: str
+    output_triggers: tuple[str, ...] = ()
+    prompt: str = ""  # the paper's prompt (user message or raw template); {problem} is replaced
+
+    def find_stop(self, text: str) -> int | None:
+        """Offset just past the first tool trigger in one turn's generated text, or None."""
+        ends = []
+        for trig in self.output_triggers:
+            i = text.find(trig)
+            if i >= 0:
+                ends.append(i + len(trig))
+        m = re.search(self.open_re, text)
+        if m:
+            close = re.compile(self.close_re, re.M).search(text, m.end())
+            if close:
+                ends.append(close.end())
+        return min(ends) if ends else None
+
+    @property
+    def stop(self) -> StopCondition:
+        return StopCondition(find=self.find_stop, strings=self.output_triggers)
+
+    def extract_code(self, turn_text: str) -> str | None:
+        """The last closed code block of one turn (None if there is none)."""
+        blocks = re.compile(self.block_re, re.S | re.M).findall(turn_text)
+        return blocks[-1] if blocks else None
+
+    def insertion(self, turn_text: str, obs: str) -> str:
+        """The text to append after a turn that ended on a trigger: the output block, minus what
+        the model already wrote of it (the trigger itself, a newline)."""
+        sep = "" if turn_text.endswith("\n") else "\n"
+        last = list(re.compile(self.block_re, re.S | re.M).finditer(turn_text))
+        after_block = turn_text[last[-1].end() :] if last else turn_text
+        for trig in self.output_triggers:
+            if trig in after_block and self.output_open.startswith(trig):
+                return f"{sep}{self.output_open[len(trig):].lstrip(chr(10))}{obs}{self.output_close}"
+        return f"{sep}{self.output_open}{obs}{self.output_close}"
 
 
-TORL_STOP = StopCondition(find=find_stop, strings=(OUTPUT_TRIGGER, "\n```"))
+TORL = ToolProtocol(
+    name="torl",
+    open_re=r"```" + _PY,
+    close_re=r"^```",
+    block_re=r"```" + _PY + r"(.*?)^```",
+    output_open="```output\n",
+    output_close="\n```\n",
+    output_triggers=("```output",),
+    prompt=("A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
+            "User: Please integrate natural language reasoning with programs to solve the problem above, and put "
+            "your final answer within \\boxed{{}}.\n{problem}\nAssistant:"),
+)
+RETOOL = ToolProtocol(
+    name="retool",
+    open_re=r"<code>\s*```" + _PY,
+    close_re=r"</code>",
+    block_re=r"<code>\s*```" + _PY + r"(.*?)```\s*</code>",
+    output_open="<interpreter>\n",
+    output_close="\n</interpreter>\n\n",
+    prompt=("Solve the following problem step by step. You now have the ability to selectively write executable "
+            "Python code to enhance your reasoning process. The Python code will be executed by an external sandbox, "
+            "and the output (wrapped in `<interpreter>output_str</interpreter>`) can be returned to aid your reasoning "
+            "and help you arrive at the final answer. The Python code should be complete scripts, including necessary "
+            "imports. \nEach code snippet is wrapped with `<code>\n```python\ncode snippet\n```\n</code>`.\n"
+            "The last part of your response should be in the following format:\n<answer>\n\\boxed{{'The final answer "
+            "goes here.'}}\n</answer>\n\n*user question:*\n{problem}\n\nRemember to place the final answer in the last "
+            "part using the format: \n<answer>\n\\boxed{{'The final answer goes here.'}}\n</answer>"),
+)
+PROTOCOLS: dict[str, ToolProtocol] = {"torl": TORL, "retool": RETOOL}
 
-
-def extract_code(turn_text: str) -> str | None:
-    """The last closed ```python block in one turn's text (None if there is none)."""
-    blocks = _BLOCK.findall(turn_text)
-    return blocks[-1] if blocks else None
+# ToRL's functions under their historical names.
+OUTPUT_TRIGGER = "```output"
+find_stop = TORL.find_stop
+extract_code = TORL.extract_code
+insertion = TORL.insertion
+TORL_STOP = TORL.stop
 
 
 def strip_code(text: str) -> str:
-    """``text`` without its closed ```python blocks (where a final answer never counts)."""
-    return _BLOCK.sub("", text)
+    """``text`` without the closed code blocks of any protocol (where a final answer never counts)."""
+    for proto in PROTOCOLS.values():
+        text = re.sub(proto.block_re, "", text, flags=re.S | re.M)
+    return text
 
 
 def has_code(text: str) -> bool:
-    return _BLOCK.search(text) is not None
+    return any(re.search(p.block_re, text, re.S | re.M) for p in PROTOCOLS.values())
+
+
+def count_code_lines(text: str) -> int:
+    """Non-empty lines inside closed code blocks (ReTool's "code lines")."""
+    return sum(sum(1 for ln in code.splitlines() if ln.strip())
+               for p in PROTOCOLS.values() for code in re.findall(p.block_re, text, re.S | re.M))
 
 
 def truncate_middle(text: str, head: int, tail: int) -> str:
@@ -89,17 +165,6 @@ def observation(res: ExecResult, head: int = 128, tail: int = 128) -> str:
         err = ""
     body = "\n".join(p for p in (out, err) if p) or EMPTY_OUTPUT
     return truncate_middle(body, head, tail)
-
-
-def insertion(turn_text: str, obs: str) -> str:
-    """The text to append after a turn that ended on a trigger: the output block, minus what the
-    model already wrote of it (```` ```output ```` itself, a newline)."""
-    sep = "" if turn_text.endswith("\n") else "\n"
-    last = list(_BLOCK.finditer(turn_text))
-    after_block = turn_text[last[-1].end() :] if last else turn_text
-    if OUTPUT_TRIGGER in after_block:
-        return f"{sep}{obs}\n```\n"
-    return f"{sep}{OUTPUT_TRIGGER}\n{obs}\n```\n"
 
 
 def print_last_expression(code: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from tirl.prompt import Prompt
 from tirl.rollout import protocol as torl
+from tirl.rollout.protocol import TORL, ToolProtocol
 from tirl.rollout.engine import Engine, SamplingParams
 from tirl.sandbox import Sandbox
 from tirl.types import ExecResult, Problem, Segment, ToolCall, Trajectory
@@ -70,8 +71,9 @@ def rollout(
     items: list[tuple[Problem, int, Prompt]],
     params: SamplingParams,
     limits: RolloutLimits,
+    protocol: ToolProtocol = TORL,
 ) -> tuple[list[Trajectory], RolloutTimes]:
-    """Sample one trajectory per ``(problem, group, prompt)`` item."""
+    """Sample one trajectory per ``(problem, group, prompt)`` item, with ``protocol``'s tool format."""
     builders = [_Builder(p, g, pr) for p, g, pr in items]
     times = RolloutTimes()
     for turn in range(limits.max_tool_calls + 1):
@@ -81,7 +83,7 @@ def rollout(
         tools_allowed = turn < limits.max_tool_calls
         budgets = [min(limits.max_tokens_per_turn, limits.max_response_tokens - b.used) for b in active]
         t0 = time.perf_counter()
-        gens = engine.generate([b.t.token_ids for b in active], budgets, params, torl.TORL_STOP if tools_allowed else None)
+        gens = engine.generate([b.t.token_ids for b in active], budgets, params, protocol.stop if tools_allowed else None)
         times.generate_s += time.perf_counter() - t0
 
         pending: list[tuple[_Builder, str, str | None]] = []  # (builder, turn text, code)
@@ -90,11 +92,11 @@ def rollout(
             b.append("model", g.token_ids, text, g.logprobs)
             b.t.finish_reason = g.finish_reason
             if g.finish_reason == "tool":
-                pending.append((b, text, torl.extract_code(text)))
+                pending.append((b, text, protocol.extract_code(text)))
             else:
                 b.done = True  # eos, or out of budget
         t0 = time.perf_counter()
-        _run_tools(sandbox, tokenizer, pending, turn, limits)
+        _run_tools(sandbox, tokenizer, pending, turn, limits, protocol)
         times.tools_s += time.perf_counter() - t0
     return [b.t for b in builders], times
 
@@ -108,16 +110,16 @@ def _program(b: _Builder, code: str, limits: RolloutLimits) -> str:
     return code
 
 
-def _run_tools(sandbox: Sandbox, tokenizer, pending, turn: int, limits: RolloutLimits) -> None:
+def _run_tools(sandbox: Sandbox, tokenizer, pending, turn: int, limits: RolloutLimits, protocol: ToolProtocol) -> None:
     runnable = [(b, text, code) for b, text, code in pending if code is not None]
     results = iter(sandbox.run_many([_program(b, code, limits) for b, _, code in runnable], limits.tool_timeout_s))
     for b, text, code in pending:
         if code is None:  # the model wrote ```output without a python block before it
-            res = ExecResult("", "", None, error="no ```python block to run before ```output")
+            res = ExecResult("", "", None, error="no code block to run")
         else:
             res = next(results)
         obs = torl.observation(res, limits.obs_head_chars, limits.obs_tail_chars)
-        inserted = torl.insertion(text, obs)
+        inserted = protocol.insertion(text, obs)
         ids = tokenizer(inserted, add_special_tokens=False)["input_ids"]
         if b.used + len(ids) >= limits.max_response_tokens:
             b.t.finish_reason, b.done = "length", True  # no room for the output and a reply

@@ -1,12 +1,15 @@
-"""One policy update over a batch of trajectories: micro-batching with gradient accumulation."""
+"""Policy updates over a batch of trajectories: PPO epochs x mini-batches, micro-batching with
+gradient accumulation (the loss is normalised over the whole mini-batch, so 1 x 8 micro-batches
+give the same gradient as 8 x 1)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
-from tirl.loss import AGGREGATIONS, POLICY_LOSSES, Normaliser
+from tirl.loss import AGGREGATIONS, POLICY_LOSSES, Normaliser, kl_penalty
 from tirl.types import Trajectory
 from tirl.update.logprobs import token_logprobs
 
@@ -16,76 +19,132 @@ class MicroBatch:
     input_ids: torch.Tensor  # [B, T] right-padded
     attention_mask: torch.Tensor  # [B, T]
     loss_mask: torch.Tensor  # [B, T] 1.0 where the token was sampled by the policy
+    old_logprobs: torch.Tensor  # [B, T] the ratio's denominator (behaviour or recomputed)
     sampler_logprobs: torch.Tensor  # [B, T]
-    advantages: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B, T]
+    ref_logprobs: torch.Tensor | None = None  # [B, T]
 
 
-def collate(trajs: list[Trajectory], advantages: list[float], pad_id: int) -> MicroBatch:
+def _pad(rows: list[list[float]] | list[list[int]], width: int, dtype) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+def collate(trajs: list[Trajectory], advantages: list, pad_id: int, old: list | None = None, ref: list | None = None) -> MicroBatch:
+    """``advantages[i]`` is a float (sequence-level) or a per-token list (e.g. GAE)."""
     width = max(len(t.token_ids) for t in trajs)
-    B = len(trajs)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, width), dtype=torch.long)
-    mask = torch.zeros((B, width))
-    lp = torch.zeros((B, width))
+    ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
     for i, t in enumerate(trajs):
-        n = len(t.token_ids)
-        ids[i, :n] = torch.tensor(t.token_ids)
-        attn[i, :n] = 1
-        mask[i, :n] = torch.tensor(t.mask, dtype=torch.float)
-        lp[i, :n] = torch.tensor(t.logprobs)
-    return MicroBatch(ids, attn, mask, lp, torch.tensor(advantages, dtype=torch.float))
+        ids[i, : len(t.token_ids)] = torch.tensor(t.token_ids)
+    attn = _pad([[1] * len(t.token_ids) for t in trajs], width, torch.long)
+    mask = _pad([t.mask for t in trajs], width, torch.float)
+    adv = _pad([a if isinstance(a, list) else [a] * len(t.token_ids) for t, a in zip(trajs, advantages)], width, torch.float)
+    sampler = _pad([t.logprobs for t in trajs], width, torch.float)
+    return MicroBatch(ids, attn, mask, _pad(old, width, torch.float) if old else sampler, sampler, adv * mask,
+                      _pad(ref, width, torch.float) if ref else None)
 
 
-def make_micro_batches(trajs, advantages, size: int, pad_id: int, skip_zero_adv: bool) -> list[MicroBatch]:
-    """Rows with advantage exactly 0 contribute exactly 0 loss and gradient under the clipped
-    policy-gradient losses; ``skip_zero_adv`` leaves them out of the forward pass (they still
-    count in the normaliser, so the gradient is unchanged)."""
-    rows = [i for i, a in enumerate(advantages) if not (skip_zero_adv and a == 0.0)]
-    rows.sort(key=lambda i: len(trajs[i].token_ids))  # similar lengths together: less padding
-    return [
-        collate([trajs[i] for i in rows[c : c + size]], [advantages[i] for i in rows[c : c + size]], pad_id)
-        for c in range(0, len(rows), size)
-    ]
+@torch.no_grad()
+def sequence_logprobs(model, trajs: list[Trajectory], size: int, pad_id: int, temperature: float) -> list[list[float]]:
+    """Per-token log-probs of each trajectory under ``model`` (no gradient): the reference
+    policy's, or the trainer's own before an update (``ratio_against = "recompute"``)."""
+    was = model.training
+    model.eval()
+    out: list[list[float]] = [[] for _ in trajs]
+    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].token_ids))
+    for c in range(0, len(order), size):
+        idx = order[c : c + size]
+        mb = collate([trajs[i] for i in idx], [0.0] * len(idx), pad_id)
+        lp = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature)
+        for j, i in enumerate(idx):
+            out[i] = lp[j, : len(trajs[i].token_ids)].tolist()
+    model.train(was)
+    return out
 
 
-def policy_update(model, optimizer, trajs: list[Trajectory], advantages: list[float], algo, optim, *,
-                  temperature: float, pad_id: int, skip_zero_adv: bool = True) -> dict[str, float]:
-    """One optimizer step on all ``trajs`` (one mini-batch, one epoch: fully on-policy, so the
-    ratio's denominator is the trainer's own detached log-prob). Returns update metrics."""
-    norm = Normaliser(num_tokens=sum(sum(t.mask) for t in trajs), num_seqs=len(trajs))
+def _is_zero(a) -> bool:
+    return a == 0.0 if not isinstance(a, list) else not any(a)
+
+
+def policy_update(model, optimizer, trajs: list[Trajectory], advantages: list, algo, optim, *, temperature: float,
+                  pad_id: int, ref_logprobs: list[list[float]] | None = None, const_len: int = 1,
+                  skip_zero_adv: bool = True, seed: int = 0) -> dict[str, float]:
+    """``algo.ppo_epochs`` passes over ``trajs`` in ``algo.mini_batches`` optimizer steps each.
+    The ratio's denominator: the sampler's log-probs (``ratio_against = "sampler"``: the behaviour
+    policy) or the trainer's own before the update (``"recompute"``, as verl). Returns metrics."""
+    n_mb = min(algo.mini_batches, len(trajs))
+    on_policy = algo.ppo_epochs == 1 and n_mb == 1 and algo.ratio_against == "recompute"
+    old = None
+    if algo.ratio_against == "recompute" and not on_policy:
+        old = sequence_logprobs(model, trajs, optim.micro_batch_size, pad_id, temperature)
+    stats: dict[str, float] = {}
+    order = list(range(len(trajs)))
+    for epoch in range(algo.ppo_epochs):
+        if epoch or n_mb > 1:
+            random.Random(seed * 7919 + epoch).shuffle(order)
+        for m in range(n_mb):
+            idx = order[m::n_mb]
+            part = _minibatch_step(model, optimizer, [trajs[i] for i in idx], [advantages[i] for i in idx],
+                                   [old[i] for i in idx] if old else None,
+                                   [ref_logprobs[i] for i in idx] if ref_logprobs else None,
+                                   algo, optim, temperature, pad_id, const_len, skip_zero_adv, on_policy)
+            for k, v in part.items():
+                stats[k] = stats.get(k, 0.0) + v / (algo.ppo_epochs * n_mb)
+    return stats
+
+
+def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, temperature, pad_id, const_len,
+                    skip_zero_adv, on_policy) -> dict[str, float]:
+    """One optimizer step. Rows with advantage exactly 0 (and no KL or entropy term) contribute
+    exactly 0 gradient; ``skip_zero_adv`` leaves them out of the forward pass (they still count
+    in the normaliser, so the gradient is unchanged)."""
+    norm = Normaliser(num_tokens=sum(sum(t.mask) for t in trajs), num_seqs=len(trajs), const_len=const_len)
     loss_fn, agg = POLICY_LOSSES[algo.loss], AGGREGATIONS[algo.aggregation]
-    sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "mismatch_abs": 0.0, "mismatch_kl": 0.0, "tokens": 0.0}
+    needs_all = algo.kl_coef > 0 and algo.kl_in == "loss" or algo.entropy_coef > 0
+    rows = [i for i, a in enumerate(advantages) if needs_all or not (skip_zero_adv and _is_zero(a))]
+    rows.sort(key=lambda i: len(trajs[i].token_ids))
+    sums = dict.fromkeys(("loss", "clip_low", "clip_high", "clip_dual", "mismatch_abs", "mismatch_kl", "entropy", "kl", "tokens"), 0.0)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    for mb in make_micro_batches(trajs, advantages, optim.micro_batch_size, pad_id, skip_zero_adv):
-        logp = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature)
-        loss_BT, stats = loss_fn(logp, logp.detach(), mb.advantages, algo.clip_low, algo.clip_high)
-        loss = agg(loss_BT, mb.loss_mask, norm)
-        loss.backward()
+    for c in range(0, len(rows), optim.micro_batch_size):
+        idx = rows[c : c + optim.micro_batch_size]
+        mb = collate([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id,
+                     [old[i] for i in idx] if old else None, [ref[i] for i in idx] if ref else None)
+        logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True)
+        old_lp = logp.detach() if on_policy else mb.old_logprobs
+        loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c)
+        m = mb.loss_mask
+        kl = kl_penalty(logp, mb.ref_logprobs, algo.kl_estimator) if mb.ref_logprobs is not None else torch.zeros_like(logp)
+        if algo.kl_coef > 0 and algo.kl_in == "loss":
+            loss_BT = loss_BT + algo.kl_coef * kl
+        if algo.entropy_coef > 0:
+            loss_BT = loss_BT - algo.entropy_coef * ent
+        agg(loss_BT, m, norm).backward()
         with torch.no_grad():
-            m = mb.loss_mask
             diff = logp.detach() - mb.sampler_logprobs  # log(trainer / sampler) per token
-            sums["loss"] += float(loss)
-            sums["clip_low"] += float((stats["clip_low"] * m).sum())
-            sums["clip_high"] += float((stats["clip_high"] * m).sum())
+            sums["loss"] += float(agg(loss_BT.detach(), m, norm))
+            for k in ("clip_low", "clip_high", "clip_dual"):
+                sums[k] += float((st[k] * m).sum())
             sums["mismatch_abs"] += float((diff.abs() * m).sum())
-            sums["mismatch_kl"] += float(((torch.exp(diff) - 1 - diff) * m).sum())  # k3 estimate of KL(sampler||trainer)
+            sums["mismatch_kl"] += float(((torch.exp(diff) - 1 - diff) * m).sum())  # k3 of KL(sampler||trainer)
+            sums["entropy"] += float((ent.detach() * m).sum())
+            sums["kl"] += float((kl.detach() * m).sum())
             sums["tokens"] += float(m.sum())
-    if sums["tokens"] == 0 and trajs:  # nothing trained: still measure sampler/trainer mismatch
+    measured = sums["tokens"]
+    if measured == 0 and trajs:  # nothing trained: still measure the sampler/trainer mismatch and entropy
         mb = collate(trajs[: optim.micro_batch_size], [0.0] * min(len(trajs), optim.micro_batch_size), pad_id)
         with torch.no_grad():
-            diff = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature) - mb.sampler_logprobs
-            m = mb.loss_mask
+            logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True)
+            diff, m = logp - mb.sampler_logprobs, mb.loss_mask
             sums["mismatch_abs"], sums["mismatch_kl"] = float((diff.abs() * m).sum()), float(((torch.exp(diff) - 1 - diff) * m).sum())
-            measured = float(m.sum())
-    else:
-        measured = sums["tokens"]
+            sums["entropy"], measured = float((ent * m).sum()), float(m.sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n, nm = max(sums["tokens"], 1.0), max(measured, 1.0)
-    return {
-        "loss": sums["loss"], "grad_norm": float(grad_norm), "tokens_trained": sums["tokens"],
-        "clip_frac_low": sums["clip_low"] / n, "clip_frac_high": sums["clip_high"] / n,
-        "logprob_mismatch": sums["mismatch_abs"] / nm, "mismatch_kl": sums["mismatch_kl"] / nm,
-    }
+    return {"loss": sums["loss"], "grad_norm": float(grad_norm), "tokens_trained": sums["tokens"],
+            "clip_frac_low": sums["clip_low"] / n, "clip_frac_high": sums["clip_high"] / n, "clip_frac_dual": sums["clip_dual"] / n,
+            "logprob_mismatch": sums["mismatch_abs"] / nm, "mismatch_kl": sums["mismatch_kl"] / nm,
+            "entropy": sums["entropy"] / nm, "kl": sums["kl"] / n}

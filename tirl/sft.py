@@ -1,0 +1,200 @@
+"""Cold-start SFT (ReTool stage 1): supervised fine-tuning on code-integrated traces with the
+interpreter output masked out of the loss.
+
+Examples are built like rollouts build trajectories: the prompt, each model-written span and
+each interpreter span are tokenised separately and concatenated, with mask 1 only on what the
+model should learn to write (its text and the end-of-turn token) and mask 0 on the prompt and
+the interpreter output (the ``<interpreter>`` block, or ToRL's ```` ```output ```` block).
+
+Accepted rows (JSONL or Parquet):
+
+* ReTool-SFT: ``{"messages": [{"role": "user", ...}, {"role": "assistant", "content": "...<code>...</code>
+  <interpreter>...</interpreter>...<answer>...</answer>"}]}``;
+* chat messages with tool turns: ``{"messages": [system?, user, assistant, tool, assistant, ...]}``
+  (tool messages masked, rendered by the chat template);
+* ``{"prompt": str, "response": str}`` with interpreter spans inside ``response``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tirl.config import Config
+from tirl.rollout.protocol import PROTOCOLS, ToolProtocol
+from tirl.types import TirlError
+
+
+@dataclass
+class SFTExample:
+    token_ids: list[int]  # [T]
+    mask: list[int]  # [T] 1 = learn to write, 0 = given (prompt, interpreter output)
+
+
+def output_span_re(protocol: ToolProtocol) -> re.Pattern[str]:
+    """The inserted-output spans of a protocol inside a trace, with the whitespace around them
+    (the rollout inserts that whitespace too)."""
+    open_tag, close_tag = re.escape(protocol.output_open.strip()), re.escape(protocol.output_close.strip())
+    return re.compile(r"\s*" + open_tag + r".*?" + close_tag + r"\s*", re.S)
+
+
+def split_response(response: str, protocol: ToolProtocol) -> list[tuple[str, int]]:
+    """``[(text, mask), ...]``: model-written spans (1) and interpreter spans (0), in order."""
+    out, pos = [], 0
+    for m in output_span_re(protocol).finditer(response):
+        if m.start() > pos:
+            out.append((response[pos : m.start()], 1))
+        out.append((m.group(0), 0))
+        pos = m.end()
+    if pos < len(response):
+        out.append((response[pos:], 1))
+    return out
+
+
+def _encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def example_from_text(tok, prompt_text: str, response: str, protocol: ToolProtocol) -> SFTExample:
+    ids, mask = _encode(tok, prompt_text), []
+    mask = [0] * len(ids)
+    for text, m in split_response(response, protocol) + [(tok.eos_token or "", 1)]:
+        piece = _encode(tok, text)
+        ids += piece
+        mask += [m] * len(piece)
+    return SFTExample(ids, mask)
+
+
+def _render(tok, messages: list[dict[str, Any]], gen: bool = False) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def example_from_messages(tok, messages: list[dict[str, Any]], protocol: ToolProtocol) -> SFTExample:
+    """Chat messages: everything the template adds and every non-assistant message is mask 0; an
+    assistant message's content and its end-of-turn token are mask 1 (interpreter spans inside
+    an assistant message, ReTool-SFT style, are mask 0)."""
+    if not getattr(tok, "chat_template", None):
+        raise TirlError("messages rows need a tokenizer with a chat template")
+    ids: list[int] = []
+    mask: list[int] = []
+    done = ""
+    for k, msg in enumerate(messages):
+        if msg.get("role") == "assistant":
+            head = _render(tok, messages[:k], gen=True)
+            full = _render(tok, messages[: k + 1])
+            if not head.startswith(done) or not full.startswith(head):
+                raise TirlError("the chat template is not append-only (a later message changes earlier text); "
+                                "convert the data to {prompt, response} rows")
+            pieces = [(head[len(done):], 0)] + split_response(full[len(head):].rstrip("\n"), protocol) + [("\n" * (len(full) - len(full.rstrip("\n"))), 0)]
+            done = full
+        else:
+            full = _render(tok, messages[: k + 1])
+            if not full.startswith(done):
+                raise TirlError("the chat template is not append-only; convert the data to {prompt, response} rows")
+            pieces, done = [(full[len(done):], 0)], full
+        for text, m in pieces:
+            piece = _encode(tok, text)
+            ids += piece
+            mask += [m] * len(piece)
+    return SFTExample(ids, mask)
+
+
+def load_examples(path: str, tok, protocol: ToolProtocol, max_len: int) -> list[SFTExample]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TirlError(f"SFT data {p} does not exist. Fix: sft.data = a .jsonl or .parquet file of traces")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = list(enumerate(pq.read_table(p).to_pylist(), 1))
+    else:
+        rows = [(i, json.loads(line)) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    out = []
+    for lineno, row in rows:
+        try:
+            if "messages" in row:
+                ex = example_from_messages(tok, list(row["messages"]), protocol)
+            elif "prompt" in row and "response" in row:
+                ex = example_from_text(tok, row["prompt"], row["response"], protocol)
+            else:
+                raise TirlError(f"row has neither 'messages' nor 'prompt'/'response' (keys: {sorted(row)})")
+        except TirlError as e:
+            raise TirlError(f"{p}:{lineno}: {e}") from None
+        if len(ex.token_ids) > max_len:  # keep the start: prompt and first turns (mask still exact)
+            ex = SFTExample(ex.token_ids[:max_len], ex.mask[:max_len])
+        if sum(ex.mask):
+            out.append(ex)
+    if not out:
+        raise TirlError(f"{p}: no example with tokens to learn")
+    return out
+
+
+def sft_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Masked next-token cross-entropy, summed over learnable tokens / ``num_tokens`` (the whole
+    batch's count, so gradient accumulation is exact). Masked tokens contribute exactly 0."""
+    logp = torch.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids_BT[:, 1:, None]).squeeze(-1)
+    return (nll * mask_BT[:, 1:]).sum() / max(num_tokens, 1)
+
+
+def _batch(examples: list[SFTExample], pad_id: int):
+    width = max(len(e.token_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    mask = torch.zeros((len(examples), width))
+    for i, e in enumerate(examples):
+        n = len(e.token_ids)
+        ids[i, :n], attn[i, :n], mask[i, :n] = torch.tensor(e.token_ids), 1, torch.tensor(e.mask, dtype=torch.float)
+    return ids, attn, mask
+
+
+def sft_step(model, optimizer, batch: list[SFTExample], micro: int, pad_id: int, grad_clip: float) -> dict[str, float]:
+    n_tok = sum(sum(e.mask[1:]) for e in batch)
+    total = 0.0
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    for c in range(0, len(batch), micro):
+        ids, attn, mask = _batch(batch[c : c + micro], pad_id)
+        loss = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, mask, n_tok)
+        loss.backward()
+        total += float(loss.detach())
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return {"sft/loss": total, "sft/tokens": float(n_tok), "sft/grad_norm": float(gn)}
+
+
+def run_sft(cfg: Config, progress: bool = True, model=None, tok=None) -> tuple[Any, Any, list[dict[str, float]]]:
+    """SFT ``model`` (loaded from ``cfg.model`` if not given) on ``cfg.sft.data``; returns the model,
+    tokenizer and per-step metrics. The caller saves (``tirl sft`` writes a run folder)."""
+    from tqdm.auto import tqdm
+
+    from tirl.models import load_model
+
+    s = cfg.sft
+    if not s.data:
+        raise TirlError("sft.data is not set: pass sft.data=traces.jsonl")
+    if model is None:
+        model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir)
+    examples = load_examples(s.data, tok, PROTOCOLS[cfg.rollout.protocol], s.max_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)
+    rng = random.Random(cfg.train.seed)
+    steps_per_epoch = max(1, len(examples) // s.batch_size)
+    total = s.steps or s.epochs * steps_per_epoch
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    log, order = [], []
+    for step in tqdm(range(1, total + 1), desc="sft", disable=not progress):
+        if len(order) < s.batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        batch, order = [examples[i] for i in order[: s.batch_size]], order[s.batch_size :]
+        t0 = time.perf_counter()
+        row = {"step": step, **sft_step(model, opt, batch, cfg.optim.micro_batch_size, pad, cfg.optim.grad_clip)}
+        row["time/step"] = time.perf_counter() - t0
+        log.append(row)
+    return model, tok, log
