@@ -142,3 +142,17 @@ def test_report_page_in_headless_chromium(trained_run, tmp_path):
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_wandb_logger_offline(tiny_model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(4)))
+    assert main(["train", "--no-progress", f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}",
+                 f"train.output_dir={json.dumps(str(tmp_path))}", "train.run_name=w", "train.steps=1", "rollout.prompts_per_step=2",
+                 "rollout.group_size=2", "rollout.max_tokens_per_turn=12", "rollout.max_response_tokens=24",
+                 'train.loggers=["jsonl", "wandb"]']) == 0
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb"))

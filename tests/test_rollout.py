@@ -146,3 +146,22 @@ def test_rollout_with_hf_engine_keeps_invariants(tiny, sandbox):
     for t in trajs:
         check_invariants(t, tok)
         assert t.logprobs[t.prompt_len] < 0
+
+
+def test_chat_tool_calls_render_exactly_like_the_template(tiny, sandbox):
+    from tirl.rollout.protocol import chat_protocol
+
+    model, tok = tiny
+    eos = tok.eos_token
+    proto = chat_protocol(tok)
+    call = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
+    bad = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": print(1)}}\n</tool_call>'
+    items, engine = _setup(tok, [[call + " NEVER SAMPLED", f"So \\boxed{{42}}{eos}"], [bad, f"sorry{eos}"]])
+    (a, b), _ = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(), proto)
+    for t in (a, b):
+        check_invariants(t, tok)
+    assert a.tool_calls[0].observation == "42" and [s.kind for s in a.segments] == ["prompt", "model", "tool", "model"]
+    msgs = [{"role": "system", "content": "Use python."}, {"role": "user", "content": a.problem.problem},
+            {"role": "assistant", "content": call}, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "So \\boxed{42}"}]
+    assert tok.decode(a.token_ids) == tok.apply_chat_template(msgs, tokenize=False).rstrip("\n")
+    assert "not valid JSON" in b.tool_calls[0].observation and not b.tool_calls[0].result.ok  # fed back, not crashed

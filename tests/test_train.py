@@ -92,3 +92,15 @@ def test_crash_mid_run_keeps_everything(tiny_model_dir, tmp_path, monkeypatch):
     assert (run / "checkpoint-interrupted" / "config.json").is_file()
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "error" and "simulated crash" in e["error"] for e in events)
+
+
+def test_chat_tool_call_protocol_runs_in_the_trainer(tiny_model_dir, tmp_path):
+    cfg = load_config("demo", _overrides(tiny_model_dir, tmp_path, **{"rollout.protocol": "chat", "train.steps": 1}))
+    t = Trainer(cfg)
+    try:
+        metrics, trajs = t.step()
+        assert t.protocol.name == "chat" and len(trajs) == 6
+        assert "<|im_start|>system" in trajs[0].prompt_text
+    finally:
+        t.sandbox.close()
+        t.verifier.close()

@@ -88,8 +88,9 @@ class SandboxConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
-    protocol: Literal["torl", "retool"] = "torl"
-    """Tool format: ToRL (```python / ```output) or ReTool (<code> / <interpreter>); see tirl.rollout.protocol."""
+    protocol: Literal["torl", "retool", "chat"] = "torl"
+    """Tool format: ToRL (```python / ```output), ReTool (<code> / <interpreter>), or chat-template
+    tool calls (<tool_call> JSON -> a tool message); see tirl.rollout.protocol."""
     prompts_per_step: int = Field(default=4, ge=1)
     group_size: int = Field(default=4, ge=1)
     """Samples per prompt (GRPO's G)."""
@@ -122,7 +123,16 @@ class RewardConfig(_Strict):
 
 class AlgoConfig(_Strict):
     advantage: str = "grpo"
-    """A name in ``tirl.advantage.ADVANTAGES``."""
+    """A name in ``tirl.advantage.ADVANTAGES``, or ``gae`` (PPO with a critic, as ReTool)."""
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=1.0, ge=0, le=1)
+    """GAE's gamma and lambda (ReTool's PPO: 1 and 1)."""
+    critic_lr: float = Field(default=2e-6, gt=0)
+    """verl's ReTool PPO recipe: critic lr 2e-6."""
+    critic_warmup: int = Field(default=0, ge=0)
+    """Steps that train only the critic before the actor starts (ReTool recipe: 20)."""
+    value_clip: float | None = Field(default=0.5, gt=0)
+    """PPO value clipping range (verl's cliprange_value 0.5); None = off."""
     loss: str = "ppo_clip"
     """A name in ``tirl.loss.POLICY_LOSSES``."""
     aggregation: str = "token-mean"
@@ -176,6 +186,8 @@ class SFTConfig(_Strict):
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=1e-5, gt=0)
     max_len: int = Field(default=2048, ge=8)
+    before_rl: bool = False
+    """``tirl train``: run this SFT on the model first, then RL (ReTool's two stages in one run)."""
 
 
 class EvalConfig(_Strict):

@@ -114,6 +114,27 @@ def kl_penalty(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, kind: str = "k3
     raise ValueError(f"unknown KL estimator {kind!r}; use k1 or k3")
 
 
+def value_loss(v_BT: torch.Tensor, old_v_BT: torch.Tensor, returns_BT: torch.Tensor,
+               clip: float | None = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's value loss per token: ``0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``
+    (the clipped term only when ``clip`` is set). Returns (loss_BT, clipped-term-was-larger)."""
+    plain = (v_BT - returns_BT) ** 2
+    if clip is None:
+        return 0.5 * plain, torch.zeros_like(plain)
+    clipped = (old_v_BT + torch.clamp(v_BT - old_v_BT, -clip, clip) - returns_BT) ** 2
+    return 0.5 * torch.maximum(plain, clipped), (clipped > plain).float()
+
+
+def masked_whiten(x_BT: torch.Tensor, mask_BT: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean 0, std 1 over the masked entries (verl whitens GAE advantages this way); 0 elsewhere."""
+    n = mask_BT.sum()
+    if n < 2:
+        return x_BT * mask_BT
+    mean = (x_BT * mask_BT).sum() / n
+    var = (((x_BT - mean) * mask_BT) ** 2).sum() / (n - 1)
+    return (x_BT - mean) / torch.sqrt(var + eps) * mask_BT
+
+
 def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
     n = mask_BT.sum()
     return float((x_BT * mask_BT).sum() / n) if n > 0 else float("nan")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from tirl.config import Config
-from tirl.rollout.protocol import PROTOCOLS, ToolProtocol
+from tirl.rollout.protocol import ToolProtocol, get_protocol
 from tirl.types import TirlError
 
 
@@ -182,7 +182,7 @@ def run_sft(cfg: Config, progress: bool = True, model=None, tok=None) -> tuple[A
         raise TirlError("sft.data is not set: pass sft.data=traces.jsonl")
     if model is None:
         model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir)
-    examples = load_examples(s.data, tok, PROTOCOLS[cfg.rollout.protocol], s.max_len)
+    examples = load_examples(s.data, tok, get_protocol(cfg.rollout.protocol, tok), s.max_len)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)
     rng = random.Random(cfg.train.seed)
     steps_per_epoch = max(1, len(examples) // s.batch_size)

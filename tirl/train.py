@@ -16,24 +16,25 @@ from typing import Any
 
 import torch
 
-from tirl.advantage import ADVANTAGES
+from tirl.advantage import ADVANTAGES, gae
 from tirl.config import Config, check_requirements
 from tirl.data import ProblemSampler, build_problems
 from tirl.eval import rollout_metrics
 from tirl.eval.runner import evaluate
 from tirl.loss import AGGREGATIONS, POLICY_LOSSES
 from tirl.models import load_model
-from tirl.prompt import render_prompt
+from tirl.prompt import CODE_INTERPRETER_TOOL, render_prompt
 from tirl.reward import Verifier, check_terms, score
 from tirl.rollout import RolloutLimits, SamplingParams, rollout
-from tirl.rollout.protocol import PROTOCOLS
+from tirl.rollout.protocol import get_protocol
 from tirl.rollout.hf_engine import HFEngine
 from tirl.run import RunDir
 from tirl.sandbox import describe, make_sandbox
 from tirl.shaping import has_signal, resample_on_correct, takes_part
 from tirl.types import TirlError, Trajectory
-from tirl.loss import kl_penalty
+from tirl.loss import kl_penalty, masked_whiten
 from tirl.update import policy_update
+from tirl.update.critic import ValueModel, critic_update, critic_values
 from tirl.update.step import sequence_logprobs
 
 
@@ -45,7 +46,7 @@ class TrainState:
 
 def check_registries(cfg: Config) -> None:
     for what, name, reg in (
-        ("algo.advantage", cfg.algo.advantage, ADVANTAGES), ("algo.loss", cfg.algo.loss, POLICY_LOSSES),
+        ("algo.advantage", cfg.algo.advantage, {**ADVANTAGES, "gae": gae}), ("algo.loss", cfg.algo.loss, POLICY_LOSSES),
         ("algo.aggregation", cfg.algo.aggregation, AGGREGATIONS),
     ):
         if name not in reg:
@@ -69,10 +70,23 @@ class Trainer:
         self.model, self.tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        self.sft_log: list[dict[str, float]] = []
+        if cfg.sft.before_rl and cfg.sft.data:  # ReTool stage 1, then RL on the same weights
+            from tirl.sft import run_sft
+
+            _, _, self.sft_log = run_sft(cfg, progress=False, model=self.model, tok=self.tok)
+        self.critic = None
+        if cfg.algo.advantage == "gae":
+            self.critic = ValueModel(self.model)
+            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.algo.critic_lr)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:  # a frozen copy of the initial policy
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.engine = HFEngine(self.model, self.tok, cfg.rollout.generation_batch_size)
+        try:
+            self.protocol = get_protocol(cfg.rollout.protocol, self.tok)
+        except ValueError as e:
+            raise TirlError(str(e)) from None
         s = cfg.sandbox
         self.sandbox = make_sandbox(s)
         self.verifier = Verifier(cfg.reward.verifier_workers, cfg.reward.verifier_timeout_s)
@@ -92,9 +106,10 @@ class Trainer:
         k = cfg.algo.resample_on_correct
         problems = self.sampler.next(n)
         p = cfg.prompt
-        prompts = [render_prompt(pr, self.tok, p.style, p.template, p.system) for pr in problems]
+        tools = [CODE_INTERPRETER_TOOL] if cfg.rollout.protocol == "chat" else None
+        prompts = [render_prompt(pr, self.tok, p.style, p.template, p.system, tools) for pr in problems]
         items = [(pr, g, prompts[g]) for g, pr in enumerate(problems) for _ in range(r.group_size * k)]
-        trajs, times = rollout(self.engine, self.tok, self.sandbox, items, self.params, self.limits, PROTOCOLS[r.protocol])
+        trajs, times = rollout(self.engine, self.tok, self.sandbox, items, self.params, self.limits, self.protocol)
         timing["generate"] += times.generate_s
         timing["tools"] += times.tools_s
         t0 = time.perf_counter()
@@ -145,21 +160,48 @@ class Trainer:
                     t.reward -= a.kl_coef * float((kl * torch.tensor(t.mask, dtype=torch.float)).sum())
         upd: dict[str, float] = {}
         if trajs:
-            rewards = torch.tensor([[t.reward for t in g] for g in groups])
-            adv = ADVANTAGES[a.advantage](rewards, eps=a.adv_eps).flatten().tolist()
             part = [i for i, t in enumerate(trajs) if takes_part(t, a.overlong_filter, a.void_turn_filter)]
             shaping["shaping/filtered_trajs"] = float(len(trajs) - len(part))
-            if part:
-                upd = policy_update(self.model, self.optimizer, [trajs[i] for i in part], [adv[i] for i in part], a,
+            if self.critic is not None:
+                adv, crit = self._gae_and_critic(trajs, part)
+                upd.update(crit)
+            else:
+                rewards = torch.tensor([[t.reward for t in g] for g in groups])
+                adv = ADVANTAGES[a.advantage](rewards, eps=a.adv_eps).flatten().tolist()
+            if part and self.state.step > (a.critic_warmup if self.critic is not None else 0):
+                upd |= policy_update(self.model, self.optimizer, [trajs[i] for i in part], [adv[i] for i in part], a,
                                     cfg.optim, temperature=temperature, pad_id=self.engine.pad_id,
                                     ref_logprobs=[ref[i] for i in part] if ref and a.kl_in == "loss" else None,
                                     const_len=r.max_response_tokens, seed=cfg.train.seed * 1_000_003 + self.state.step)
-        self.scheduler.step()
+        if "tokens_trained" in upd:  # the actor took an optimizer step (not during critic warm-up)
+            self.scheduler.step()
         self.state.data = self.sampler.state_dict()
         metrics = {"step": self.state.step, **rollout_metrics(trajs), **{f"update/{k}": v for k, v in upd.items()},
                    **shaping, "lr": self.scheduler.get_last_lr()[0], "time/generate": timing["generate"],
                    "time/tools": timing["tools"], "time/reward": timing["reward"], "time/update": time.perf_counter() - t0}
         return metrics, trajs
+
+    def _gae_and_critic(self, trajs: list[Trajectory], part: list[int]) -> tuple[list, dict[str, float]]:
+        """PPO with a critic: per-token GAE advantages (outcome reward on the last policy token,
+        whitened over the batch) from the critic's values, then one critic step on the returns."""
+        a, o = self.cfg.algo, self.cfg.optim
+        old_v = critic_values(self.critic, trajs, o.micro_batch_size, self.engine.pad_id)
+        advs, rets, masks = [], [], []
+        for t, v in zip(trajs, old_v):
+            m = torch.tensor(t.mask, dtype=torch.float)
+            r = torch.zeros(len(t.token_ids))
+            if t.mask.count(1):
+                r[len(t.mask) - 1 - t.mask[::-1].index(1)] = t.reward
+            adv_t, ret_t = gae(r[None], torch.tensor(v)[None], m[None], a.gamma, a.lam)
+            advs.append(adv_t[0])
+            rets.append(ret_t[0].tolist())
+            masks.append(m)
+        white = masked_whiten(torch.cat(advs), torch.cat(masks)).split([len(x) for x in advs])
+        stats = {}
+        if part:
+            stats = critic_update(self.critic, self.critic_opt, [trajs[i] for i in part], [rets[i] for i in part],
+                                  [old_v[i] for i in part], a.value_clip, o.micro_batch_size, o.grad_clip, self.engine.pad_id)
+        return [w.tolist() for w in white], stats
 
     def evaluate(self, out_dir: Path) -> dict[str, float]:
         """Periodic evaluation; returns flat ``eval/<bench>/<score>`` metrics."""

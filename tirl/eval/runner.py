@@ -20,10 +20,10 @@ from tirl.data import load_problems
 from tirl.eval.metrics import rollout_metrics
 from tirl.eval.published import TORL_BENCHES, published_for
 from tirl.eval.scores import aggregate, problem_scores
-from tirl.prompt import render_prompt
+from tirl.prompt import CODE_INTERPRETER_TOOL, render_prompt
 from tirl.reward import Verifier, score
 from tirl.rollout import RolloutLimits, SamplingParams, rollout
-from tirl.rollout.protocol import PROTOCOLS
+from tirl.rollout.protocol import get_protocol
 from tirl.rollout.hf_engine import HFEngine
 from tirl.sandbox import Sandbox
 from tirl.types import Problem, TirlError
@@ -110,9 +110,10 @@ def evaluate(model, tok, cfg: Config, sandbox: Sandbox, verifier: Verifier, out_
         problems = resolve_benchmark(bench, e.data_dir, e.limit)
         torch.manual_seed(e.seed)
         t0 = time.perf_counter()
-        prompts = [render_prompt(p, tok, cfg.prompt.style, template, system) for p in problems]
+        tools = [CODE_INTERPRETER_TOOL] if e.tools and r.protocol == "chat" else None
+        prompts = [render_prompt(p, tok, cfg.prompt.style, template, system, tools) for p in problems]
         items = [(p, i, prompts[i]) for i, p in enumerate(problems) for _ in range(e.n)]
-        trajs, _ = rollout(engine, tok, sandbox, items, params, limits, PROTOCOLS[r.protocol])
+        trajs, _ = rollout(engine, tok, sandbox, items, params, limits, get_protocol(r.protocol, tok))
         score(trajs, cfg.reward, verifier)
         per_problem = []
         for i in range(len(problems)):

@@ -19,13 +19,23 @@ TORL_TEMPLATE = (
 )
 
 
+CODE_INTERPRETER_TOOL = {
+    "type": "function",
+    "function": {"name": "code_interpreter", "description": "Run a Python program; returns what it prints.",
+                 "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "The program."}},
+                                "required": ["code"]}},
+}
+
+
 @dataclass(frozen=True)
 class Prompt:
     text: str
     token_ids: list[int]
 
 
-def render_prompt(problem: Problem, tokenizer, style: str, template: str, system: str | None) -> Prompt:
+def render_prompt(problem: Problem, tokenizer, style: str, template: str, system: str | None,
+                  tools: list[dict] | None = None) -> Prompt:
+    """``tools``: JSON tool schemas for chat-template tool calling (rendered by templates that support them)."""
     try:
         body = template.format(problem=problem.problem)
     except (KeyError, IndexError) as e:
@@ -37,7 +47,8 @@ def render_prompt(problem: Problem, tokenizer, style: str, template: str, system
         if not getattr(tokenizer, "chat_template", None):
             raise TirlError("prompt.style='chat' but the tokenizer has no chat template. Fix: prompt.style='raw'.")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": body}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        kw = {"tools": tools} if tools else {}
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         raise TirlError(f"unknown prompt.style {style!r}; use 'chat' or 'raw'")

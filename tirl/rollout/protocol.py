@@ -41,6 +41,8 @@ class ToolProtocol:
     output_close: str
     output_triggers: tuple[str, ...] = ()
     prompt: str = ""  # the paper's prompt (user message or raw template); {problem} is replaced
+    json_code_arg: str | None = None  # the block is a JSON tool call; the code is arguments[json_code_arg]
+    newline_first: bool = True  # start the inserted text on a new line (not for chat templates)
 
     def find_stop(self, text: str) -> int | None:
         """Offset just past the first tool trigger in one turn's generated text, or None."""
@@ -61,14 +63,19 @@ class ToolProtocol:
         return StopCondition(find=self.find_stop, strings=self.output_triggers)
 
     def extract_code(self, turn_text: str) -> str | None:
-        """The last closed code block of one turn (None if there is none)."""
+        """The last closed code block of one turn (None if there is none). For JSON tool calls, a
+        call that does not parse raises :class:`MalformedToolCall` (its message goes back to the model)."""
         blocks = re.compile(self.block_re, re.S | re.M).findall(turn_text)
-        return blocks[-1] if blocks else None
+        if not blocks:
+            return None
+        if self.json_code_arg is None:
+            return blocks[-1]
+        return _code_from_json(blocks[-1], self.json_code_arg)
 
     def insertion(self, turn_text: str, obs: str) -> str:
         """The text to append after a turn that ended on a trigger: the output block, minus what
         the model already wrote of it (the trigger itself, a newline)."""
-        sep = "" if turn_text.endswith("\n") else "\n"
+        sep = "" if turn_text.endswith("\n") or not self.newline_first else "\n"
         last = list(re.compile(self.block_re, re.S | re.M).finditer(turn_text))
         after_block = turn_text[last[-1].end() :] if last else turn_text
         for trig in self.output_triggers:
@@ -106,6 +113,52 @@ RETOOL = ToolProtocol(
             "part using the format: \n<answer>\n\\boxed{{'The final answer goes here.'}}\n</answer>"),
 )
 PROTOCOLS: dict[str, ToolProtocol] = {"torl": TORL, "retool": RETOOL}
+_CHAT_BLOCK = r"<tool_call>(.*?)</tool_call>"
+
+
+class MalformedToolCall(ValueError):
+    pass
+
+
+def _code_from_json(block: str, arg: str) -> str:
+    import json
+
+    try:
+        call = json.loads(block.strip())
+        args = call.get("arguments", {}) if isinstance(call, dict) else {}
+        if isinstance(args, str):
+            args = json.loads(args)
+        code = args.get(arg) if isinstance(args, dict) else None
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise MalformedToolCall(f"Error: the tool call is not valid JSON ({e})") from None
+    if not isinstance(code, str):
+        raise MalformedToolCall(f'Error: the tool call needs {{"name": "code_interpreter", "arguments": {{"{arg}": "..."}}}}')
+    return code
+
+
+def chat_protocol(tokenizer) -> ToolProtocol:
+    """Chat-template tool calls (Qwen/hermes style): the model writes ``<tool_call>{"name":
+    "code_interpreter", "arguments": {"code": ...}}</tool_call>``; the inserted text closes its turn,
+    adds a tool message with the output and opens the next assistant turn, exactly as the
+    tokenizer's own chat template renders them (derived once from a placeholder conversation)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("rollout.protocol = 'chat' needs a tokenizer with a chat template")
+    a_mark, o_mark = "\u0000ASSISTANT\u0000", "\u0000OUTPUT\u0000"
+    msgs = [{"role": "user", "content": "u"}, {"role": "assistant", "content": a_mark}, {"role": "tool", "content": o_mark}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if a_mark not in text or o_mark not in text:
+        raise ValueError("this chat template does not render tool messages; use rollout.protocol = 'torl' or 'retool'")
+    between = text[text.index(a_mark) + len(a_mark) :]
+    head, tail = between.split(o_mark, 1)
+    return ToolProtocol(name="chat", open_re=r"<tool_call>", close_re=r"</tool_call>", block_re=_CHAT_BLOCK,
+                        output_open=head, output_close=tail, json_code_arg="code", newline_first=False,
+                        prompt="{problem}")
+
+
+def get_protocol(name: str, tokenizer=None) -> ToolProtocol:
+    if name == "chat":
+        return chat_protocol(tokenizer)
+    return PROTOCOLS[name]
 
 # ToRL's functions under their historical names.
 OUTPUT_TRIGGER = "```output"
@@ -115,21 +168,31 @@ insertion = TORL.insertion
 TORL_STOP = TORL.stop
 
 
+_ALL_BLOCKS = [p.block_re for p in PROTOCOLS.values()] + [_CHAT_BLOCK]
+
+
 def strip_code(text: str) -> str:
     """``text`` without the closed code blocks of any protocol (where a final answer never counts)."""
-    for proto in PROTOCOLS.values():
-        text = re.sub(proto.block_re, "", text, flags=re.S | re.M)
+    for pat in _ALL_BLOCKS:
+        text = re.sub(pat, "", text, flags=re.S | re.M)
     return text
 
 
 def has_code(text: str) -> bool:
-    return any(re.search(p.block_re, text, re.S | re.M) for p in PROTOCOLS.values())
+    return any(re.search(pat, text, re.S | re.M) for pat in _ALL_BLOCKS)
 
 
 def count_code_lines(text: str) -> int:
     """Non-empty lines inside closed code blocks (ReTool's "code lines")."""
-    return sum(sum(1 for ln in code.splitlines() if ln.strip())
-               for p in PROTOCOLS.values() for code in re.findall(p.block_re, text, re.S | re.M))
+    n = 0
+    for pat in _ALL_BLOCKS:
+        for block in re.findall(pat, text, re.S | re.M):
+            try:
+                code = _code_from_json(block, "code") if pat == _CHAT_BLOCK else block
+            except MalformedToolCall:
+                continue
+            n += sum(1 for ln in code.splitlines() if ln.strip())
+    return n
 
 
 def truncate_middle(text: str, head: int, tail: int) -> str:

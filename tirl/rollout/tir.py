@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from tirl.prompt import Prompt
 from tirl.rollout import protocol as torl
-from tirl.rollout.protocol import TORL, ToolProtocol
+from tirl.rollout.protocol import TORL, MalformedToolCall, ToolProtocol
 from tirl.rollout.engine import Engine, SamplingParams
 from tirl.sandbox import Sandbox
 from tirl.types import ExecResult, Problem, Segment, ToolCall, Trajectory
@@ -92,7 +92,10 @@ def rollout(
             b.append("model", g.token_ids, text, g.logprobs)
             b.t.finish_reason = g.finish_reason
             if g.finish_reason == "tool":
-                pending.append((b, text, protocol.extract_code(text)))
+                try:
+                    pending.append((b, text, protocol.extract_code(text)))
+                except MalformedToolCall as e:  # fed back to the model as the tool's output
+                    pending.append((b, text, e))
             else:
                 b.done = True  # eos, or out of budget
         t0 = time.perf_counter()
@@ -111,10 +114,12 @@ def _program(b: _Builder, code: str, limits: RolloutLimits) -> str:
 
 
 def _run_tools(sandbox: Sandbox, tokenizer, pending, turn: int, limits: RolloutLimits, protocol: ToolProtocol) -> None:
-    runnable = [(b, text, code) for b, text, code in pending if code is not None]
+    runnable = [(b, text, code) for b, text, code in pending if isinstance(code, str)]
     results = iter(sandbox.run_many([_program(b, code, limits) for b, _, code in runnable], limits.tool_timeout_s))
     for b, text, code in pending:
-        if code is None:  # the model wrote ```output without a python block before it
+        if isinstance(code, MalformedToolCall):
+            res, code = ExecResult("", str(code), 1), ""
+        elif code is None:  # the model wrote ```output without a python block before it
             res = ExecResult("", "", None, error="no code block to run")
         else:
             res = next(results)

@@ -1,0 +1,75 @@
+"""PPO's critic (ReTool's RL stage): a value model on the policy's architecture.
+
+``ValueModel`` = the transformer body of a copy of the policy + a scalar head initialised to 0
+(so the first values are 0, and the critic starts from the same weights as the actor, as in
+verl's ReTool recipe). ``values[:, t]`` estimates the return from the state in which token t was
+chosen, i.e. it is read from the hidden state at t-1, aligned with ``token_logprobs``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from tirl.loss import AGGREGATIONS, Normaliser, value_loss
+from tirl.types import Trajectory
+from tirl.update.step import _pad
+
+
+class ValueModel(nn.Module):
+    def __init__(self, policy):
+        super().__init__()
+        self.body = copy.deepcopy(policy.base_model)
+        self.head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.body.float()
+        self.head.float()
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        h = self.body(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
+        v = self.head(h[:, :-1].float()).squeeze(-1)
+        return torch.nn.functional.pad(v, (1, 0), value=0.0)  # [B, T], column 0 = 0
+
+
+def _batch(trajs: list[Trajectory], pad_id: int):
+    width = max(len(t.token_ids) for t in trajs)
+    ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
+    for i, t in enumerate(trajs):
+        ids[i, : len(t.token_ids)] = torch.tensor(t.token_ids)
+    return ids, _pad([[1] * len(t.token_ids) for t in trajs], width, torch.long), _pad([t.mask for t in trajs], width, torch.float)
+
+
+@torch.no_grad()
+def critic_values(critic: ValueModel, trajs: list[Trajectory], size: int, pad_id: int) -> list[list[float]]:
+    critic.eval()
+    out: list[list[float]] = []
+    for c in range(0, len(trajs), size):
+        part = trajs[c : c + size]
+        ids, attn, _ = _batch(part, pad_id)
+        v = critic(ids, attn)
+        out += [v[i, : len(t.token_ids)].tolist() for i, t in enumerate(part)]
+    return out
+
+
+def critic_update(critic: ValueModel, optimizer, trajs: list[Trajectory], returns: list[list[float]],
+                  old_values: list[list[float]], clip: float | None, micro: int, grad_clip: float, pad_id: int) -> dict[str, float]:
+    """One optimizer step of the (clipped) value loss, token-mean over policy tokens."""
+    norm = Normaliser(num_tokens=sum(sum(t.mask) for t in trajs), num_seqs=len(trajs))
+    critic.train()
+    optimizer.zero_grad(set_to_none=True)
+    total = clipped = 0.0
+    for c in range(0, len(trajs), micro):
+        part = trajs[c : c + micro]
+        ids, attn, mask = _batch(part, pad_id)
+        width = ids.shape[1]
+        ret, old = _pad(returns[c : c + micro], width, torch.float), _pad(old_values[c : c + micro], width, torch.float)
+        loss_BT, frac = value_loss(critic(ids, attn), old, ret, clip)
+        loss = AGGREGATIONS["token-mean"](loss_BT, mask, norm)
+        loss.backward()
+        total += float(loss.detach())
+        clipped += float((frac * mask).sum())
+    gn = torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip)
+    optimizer.step()
+    return {"critic/value_loss": total, "critic/clip_frac": clipped / max(norm.num_tokens, 1), "critic/grad_norm": float(gn)}
