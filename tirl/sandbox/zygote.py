@@ -114,20 +114,25 @@ def _export_bpf(lib, ctx):
     if rc != 0 or not prog or len(prog) % 8:
         return None
     buf = ctypes.create_string_buffer(prog, len(prog))
-    return _SockFprog(len(prog) // 8, ctypes.addressof(buf)), buf  # keep buf alive
+    fprog = _SockFprog(len(prog) // 8, ctypes.addressof(buf))
+    return fprog, buf, ctypes.cast(ctypes.pointer(fprog), ctypes.c_void_p)  # keep buf and fprog alive
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # bound once in the zygote, not in every child
+_prctl = _LIBC.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
 
 
 def install_seccomp(seccomp):
     PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
-    prog, _buf = seccomp
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
+    prog_ptr = seccomp[2]
+    if _prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
         return False
-    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.cast(ctypes.pointer(prog), ctypes.c_void_p), 0, 0) == 0
+    return _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, prog_ptr, 0, 0) == 0
 
 
 PROTO_IN, PROTO_OUT = 0, 1  # replaced in main() by private copies
+STATUS_FD = 3  # in the child: where it reports its exit status just before exiting
 
 
 def _read_exact(n):
@@ -207,13 +212,14 @@ def _reap_all():
             return
 
 
-def child(req, out_w, err_w, stdin_path, workdir, seccomp):
+def child(req, out_w, err_w, status_w, stdin_path, workdir, seccomp):
     os.setsid()
     fd_in = os.open(stdin_path, os.O_RDONLY)
     os.dup2(fd_in, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
-    os.closerange(3, 65536)
+    os.dup2(status_w, STATUS_FD)
+    os.closerange(STATUS_FD + 1, 65536)
     mem = int(req["memory_mb"]) * 1024 * 1024
     cpu = int(req["timeout"]) + 1
     limits = [(resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, 16 << 20),
@@ -245,6 +251,10 @@ def child(req, out_w, err_w, stdin_path, workdir, seccomp):
         sys.stderr.flush()
     except BaseException:  # noqa: BLE001 - stdout may be closed by the code
         pass
+    try:  # tell the zygote we are done: it answers now and reaps us afterwards (exit costs ~4 ms)
+        os.write(STATUS_FD, struct.pack(">i", status & 0xFF))
+    except OSError:
+        pass
     os._exit(status & 0xFF)
 
 
@@ -263,22 +273,23 @@ def serve_one(req, workroot, seccomp):
                 f.write(content.encode("latin-1"))
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    st_r, st_w = os.pipe()
     t0 = time.monotonic()
     pid = os.fork()
     if pid == 0:
         try:
-            child(req, out_w, err_w, stdin_path, workdir, seccomp)
+            child(req, out_w, err_w, st_w, stdin_path, workdir, seccomp)
         finally:
             os._exit(71)
-    os.close(out_w)
-    os.close(err_w)
+    for fd in (out_w, err_w, st_w):
+        os.close(fd)
     pidfd = os.pidfd_open(pid)
     bufs = {out_r: bytearray(), err_r: bytearray()}
     poller = select.poll()
-    for fd in (out_r, err_r, pidfd):
+    for fd in (out_r, err_r, pidfd, st_r):
         poller.register(fd, select.POLLIN)
     deadline = t0 + float(req["timeout"])
-    open_fds, exited, timed_out, truncated = {out_r, err_r}, False, False, False
+    open_fds, done, timed_out, truncated, reported = {out_r, err_r}, False, False, False, None
 
     def read_some(fd):
         """Read once; False when nothing more is to be read now (EOF, empty, or the cap hit)."""
@@ -296,37 +307,60 @@ def serve_one(req, workroot, seccomp):
         truncated = truncated or len(chunk) > room
         return not truncated
 
-    while not (exited or truncated):
+    while not (done or truncated):
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
             break
         for fd, _ in poller.poll(max(1, int(left * 1000))):
-            if fd == pidfd:
-                exited = True
+            if fd == st_r:
+                data = os.read(st_r, 4)
+                reported = struct.unpack(">i", data)[0] if len(data) == 4 else None
+                poller.unregister(st_r)
+                done = True
+            elif fd == pidfd:
+                done = True
             elif fd in open_fds:
                 read_some(fd)
-    if not exited:
-        for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-            try:
-                kill()
-            except OSError:
-                pass
-    _, status = os.waitpid(pid, 0)  # the direct child first, to keep its exit status
-    returncode = os.waitstatus_to_exitcode(status)
-    kill_descendants()  # grandchildren, daemons, orphans re-parented to us
-    for fd in list(open_fds):  # every writer is dead now: drain what is still buffered
+    for fd in list(open_fds):  # the child flushed before reporting: take what is buffered now
         os.set_blocking(fd, False)
         while fd in open_fds and read_some(fd):
             pass
-    for fd in (out_r, err_r, pidfd):
-        os.close(fd)
-    _clean(workroot)
-    return {
+    returncode = reported
+    if reported is None and not timed_out and not truncated:  # exited without reporting (crash, signal)
+        _, status = os.waitpid(pid, 0)
+        returncode, pid = os.waitstatus_to_exitcode(status), None
+    resp = {
         "stdout": bufs[out_r].decode("utf-8", "replace"), "stderr": bufs[err_r].decode("utf-8", "replace"),
         "returncode": None if timed_out else returncode, "timed_out": timed_out, "truncated": truncated,
         "duration": time.monotonic() - t0, "error": None,
     }
+
+    def finish():
+        """After the response is sent: make sure the child and everything it started are gone."""
+        if pid is not None:
+            if timed_out or truncated or reported is None:
+                for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                    try:
+                        kill()
+                    except OSError:
+                        pass
+            elif not select.select([pidfd], [], [], max(deadline - time.monotonic(), 0) + 0.05)[0]:
+                os.kill(pid, signal.SIGKILL)  # reported "done" but did not exit: no more waiting
+            try:
+                os.killpg(pid, signal.SIGKILL)  # its process group: threads' helpers, children
+            except OSError:
+                pass
+            os.waitpid(pid, 0)
+        kill_descendants()  # grandchildren, daemons, orphans re-parented to us
+        for fd in (out_r, err_r, st_r, pidfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _clean(workroot)
+
+    return resp, finish
 
 
 def _clean(workroot):
@@ -382,9 +416,8 @@ def main():
     protected = [int(p) for p in sys.argv[2].split(",") if p] if len(sys.argv) > 2 else []
     os.makedirs(workroot, exist_ok=True)
     os.chdir(workroot)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _prctl(PR_SET_DUMPABLE, 0, None, 0, 0)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1, None, 0, 0)
     try:
         versions = warm_up()
     except Exception as e:  # noqa: BLE001 - run without them, say so
@@ -394,20 +427,21 @@ def main():
 
     gc.collect()
     gc.freeze()  # children's GC then never touches (and copies) the inherited warm heap
-    libc.malloc_trim(0)  # return freed warm-up memory: fewer pages to map on every fork
+    _LIBC.malloc_trim(0)  # return freed warm-up memory: fewer pages to map on every fork
     write_frame({"ready": True, "pid": os.getpid(), "seccomp": seccomp is not None, "versions": versions,
                  "python": sys.version.split()[0]})
     while True:
         req = read_frame()
         if req is None:
             return
+        finish = kill_descendants
         try:
-            resp = serve_one(req, workroot, seccomp)
+            resp, finish = serve_one(req, workroot, seccomp)
         except Exception as e:  # noqa: BLE001 - the zygote must survive its own bugs too
-            kill_descendants()
             resp = {"stdout": "", "stderr": "", "returncode": None, "timed_out": False, "truncated": False,
                     "duration": 0.0, "error": f"zygote: {e!r}"}
         write_frame(resp)
+        finish()  # reaping and cleanup overlap with the caller reading the response
 
 
 if __name__ == "__main__":
