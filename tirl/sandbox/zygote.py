@@ -258,8 +258,8 @@ def child(req, out_w, err_w, status_w, stdin_path, workdir, seccomp):
     os._exit(status & 0xFF)
 
 
-def serve_one(req, workroot, seccomp):
-    max_out = int(req["max_output"])
+def _prepare(req, workroot):
+    """The work directory, the stdin file and any request files."""
     workdir = os.path.join(workroot, "work")
     os.makedirs(workdir, exist_ok=True)
     stdin_path = os.path.join(workroot, "stdin")
@@ -271,96 +271,115 @@ def serve_one(req, workroot, seccomp):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(content.encode("latin-1"))
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    st_r, st_w = os.pipe()
-    t0 = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            child(req, out_w, err_w, st_w, stdin_path, workdir, seccomp)
-        finally:
-            os._exit(71)
-    for fd in (out_w, err_w, st_w):
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    bufs = {out_r: bytearray(), err_r: bytearray()}
-    poller = select.poll()
-    for fd in (out_r, err_r, pidfd, st_r):
-        poller.register(fd, select.POLLIN)
-    deadline = t0 + float(req["timeout"])
-    open_fds, done, timed_out, truncated, reported = {out_r, err_r}, False, False, False, None
+    return workdir, stdin_path
 
-    def read_some(fd):
+
+class _Run:
+    """One request: fork the child, read its output until it reports, exits, times out or floods,
+    answer, then (``finish``) make sure it and everything it started are gone."""
+
+    def __init__(self, req, workroot, seccomp):
+        self.req, self.workroot, self.max_out = req, workroot, int(req["max_output"])
+        workdir, stdin_path = _prepare(req, workroot)
+        self.out_r, out_w = os.pipe()
+        self.err_r, err_w = os.pipe()
+        self.st_r, st_w = os.pipe()
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + float(req["timeout"])
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                child(req, out_w, err_w, st_w, stdin_path, workdir, seccomp)
+            finally:
+                os._exit(71)
+        for fd in (out_w, err_w, st_w):
+            os.close(fd)
+        self.pidfd = os.pidfd_open(self.pid)
+        self.bufs = {self.out_r: bytearray(), self.err_r: bytearray()}
+        self.open_fds = {self.out_r, self.err_r}
+        self.poller = select.poll()
+        for fd in (self.out_r, self.err_r, self.pidfd, self.st_r):
+            self.poller.register(fd, select.POLLIN)
+        self.timed_out = self.truncated = False
+        self.reported = None  # the exit status the child sent just before exiting
+
+    def read_some(self, fd):
         """Read once; False when nothing more is to be read now (EOF, empty, or the cap hit)."""
-        nonlocal truncated
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
             return False
         if not chunk:
-            poller.unregister(fd)
-            open_fds.discard(fd)
+            self.poller.unregister(fd)
+            self.open_fds.discard(fd)
             return False
-        room = max_out - len(bufs[out_r]) - len(bufs[err_r])
-        bufs[fd] += chunk[:max(room, 0)]
-        truncated = truncated or len(chunk) > room
-        return not truncated
+        room = self.max_out - len(self.bufs[self.out_r]) - len(self.bufs[self.err_r])
+        self.bufs[fd] += chunk[:max(room, 0)]
+        self.truncated = self.truncated or len(chunk) > room
+        return not self.truncated
 
-    while not (done or truncated):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            timed_out = True
-            break
-        for fd, _ in poller.poll(max(1, int(left * 1000))):
-            if fd == st_r:
-                data = os.read(st_r, 4)
-                reported = struct.unpack(">i", data)[0] if len(data) == 4 else None
-                poller.unregister(st_r)
-                done = True
-            elif fd == pidfd:
-                done = True
-            elif fd in open_fds:
-                read_some(fd)
-    for fd in list(open_fds):  # the child flushed before reporting: take what is buffered now
-        os.set_blocking(fd, False)
-        while fd in open_fds and read_some(fd):
-            pass
-    returncode = reported
-    if reported is None and not timed_out and not truncated:  # exited without reporting (crash, signal)
-        _, status = os.waitpid(pid, 0)
-        returncode, pid = os.waitstatus_to_exitcode(status), None
-    resp = {
-        "stdout": bufs[out_r].decode("utf-8", "replace"), "stderr": bufs[err_r].decode("utf-8", "replace"),
-        "returncode": None if timed_out else returncode, "timed_out": timed_out, "truncated": truncated,
-        "duration": time.monotonic() - t0, "error": None,
-    }
-
-    def finish():
-        """After the response is sent: make sure the child and everything it started are gone."""
-        if pid is not None:
-            if timed_out or truncated or reported is None:
-                for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-                    try:
-                        kill()
-                    except OSError:
-                        pass
-            elif not select.select([pidfd], [], [], max(deadline - time.monotonic(), 0) + 0.05)[0]:
-                os.kill(pid, signal.SIGKILL)  # reported "done" but did not exit: no more waiting
-            try:
-                os.killpg(pid, signal.SIGKILL)  # its process group: threads' helpers, children
-            except OSError:
+    def collect(self):
+        done = False
+        while not (done or self.truncated):
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.timed_out = True
+                break
+            for fd, _ in self.poller.poll(max(1, int(left * 1000))):
+                if fd == self.st_r:
+                    data = os.read(self.st_r, 4)
+                    self.reported = struct.unpack(">i", data)[0] if len(data) == 4 else None
+                    self.poller.unregister(self.st_r)
+                    done = True
+                elif fd == self.pidfd:
+                    done = True
+                elif fd in self.open_fds:
+                    self.read_some(fd)
+        for fd in list(self.open_fds):  # the child flushed before reporting: take what is buffered now
+            os.set_blocking(fd, False)
+            while fd in self.open_fds and self.read_some(fd):
                 pass
-            os.waitpid(pid, 0)
+
+    def response(self):
+        returncode = self.reported
+        if self.reported is None and not (self.timed_out or self.truncated):  # exited without reporting
+            _, status = os.waitpid(self.pid, 0)
+            returncode, self.pid = os.waitstatus_to_exitcode(status), None
+        return {
+            "stdout": self.bufs[self.out_r].decode("utf-8", "replace"),
+            "stderr": self.bufs[self.err_r].decode("utf-8", "replace"),
+            "returncode": None if self.timed_out else returncode, "timed_out": self.timed_out,
+            "truncated": self.truncated, "duration": time.monotonic() - self.t0, "error": None,
+        }
+
+    def finish(self):
+        """After the answer is sent: the child, its process group and every descendant are killed
+        and reaped, and the work directory emptied, before the zygote takes its next request."""
+        if self.pid is not None:
+            forced = self.timed_out or self.truncated or self.reported is None
+            if forced or not select.select([self.pidfd], [], [], max(self.deadline - time.monotonic(), 0) + 0.05)[0]:
+                _quietly(lambda: os.kill(self.pid, signal.SIGKILL))  # no more waiting for it
+            _quietly(lambda: os.killpg(self.pid, signal.SIGKILL))
+            os.waitpid(self.pid, 0)
         kill_descendants()  # grandchildren, daemons, orphans re-parented to us
-        for fd in (out_r, err_r, st_r, pidfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        _clean(workroot)
+        for fd in (self.out_r, self.err_r, self.st_r, self.pidfd):
+            _quietly(lambda fd=fd: os.close(fd))
+        _clean(self.workroot)
 
-    return resp, finish
+
+def _quietly(action):
+    """Run ``action``, ignoring OSError (the process or fd may already be gone)."""
+    try:
+        action()
+    except OSError:
+        pass
+
+
+def serve_one(req, workroot, seccomp):
+    """Run one request; returns (response, finish) — call ``finish`` after sending the response."""
+    run = _Run(req, workroot, seccomp)
+    run.collect()
+    return run.response(), run.finish
 
 
 def _clean(workroot):
