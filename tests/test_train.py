@@ -40,6 +40,7 @@ def test_cli_train_writes_metrics_trajectories_checkpoint(tiny_model_dir, tmp_pa
     model, tok = load_model(str(run / "checkpoint"))  # a loadable Hugging Face folder
     assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
     assert load_config(str(run / "config.toml")).model.name == str(tiny_model_dir)
+    assert (run / "report.html").is_file() and (run / "plots" / "reward_and_accuracy.png").is_file()
 
 
 def test_training_changes_the_weights(tiny_model_dir, tmp_path):

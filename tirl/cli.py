@@ -35,6 +35,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     path = train(cfg, progress=not args.no_progress)
     print(f"[tirl] done: metrics, trajectories and checkpoint in {path}")
+    if not args.no_report:
+        from tirl.report import write_report
+
+        print(f"[tirl] report: {write_report(path)} (plots in {path / 'plots'})")
     return 0
 
 
@@ -159,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default="demo", help="a recipe name (see `tirl recipes`) or a TOML file [demo]")
     t.add_argument("--model", default=None, help="embedded name, local HF folder or hub id (= model.name=...)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-report", action="store_true", help="do not write report.html and plots at the end")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=3 rollout.group_size=8")
     t.set_defaults(fn=_cmd_train)
     m = sub.add_parser("model", help="model utilities")
