@@ -132,6 +132,7 @@ def test_host_files_are_not_there(pool, contained, path):
         assert not r.ok
 
 
+@needs_bwrap
 def test_environment_has_no_secrets(pool, contained):
     code = ("import os, glob\nout = [repr(dict(os.environ))]\nfor p in glob.glob('/proc/*/environ'):\n    try:\n"
             "        out.append(open(p, 'rb').read().decode(errors='replace'))\n    except OSError:\n        pass\nprint(out)")
@@ -215,6 +216,7 @@ def test_closed_stdio_and_exit_codes(pool, contained):
     assert _run(pool, "raise SystemExit('bye')").returncode == 1
 
 
+@needs_bwrap
 @pytest.mark.skipif(os.geteuid() != 0, reason="a dedicated uid needs root")
 def test_runs_as_dedicated_uid_with_nproc(pool, contained):
     r = _run(pool, "import os, resource; print(os.getuid(), resource.getrlimit(resource.RLIMIT_NPROC)[0])")

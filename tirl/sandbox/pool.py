@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import queue
@@ -75,6 +76,7 @@ class IsolationLevel:
         return ("full" if self.full else "partial") + ": " + "+".join(parts)
 
 
+@functools.lru_cache(maxsize=None)
 def _python_has(python: str, modules: str) -> bool:
     try:
         return subprocess.run([python, "-I", "-c", f"import {modules}"], capture_output=True, timeout=60).returncode == 0
