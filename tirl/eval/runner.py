@@ -97,9 +97,10 @@ def versions() -> dict[str, str]:
 
 
 def evaluate(model, tok, cfg: Config, sandbox: Sandbox, verifier: Verifier, out_dir: Path | None = None,
-             model_name: str | None = None) -> dict[str, Any]:
+             model_name: str | None = None, engine=None) -> dict[str, Any]:
+    """``engine``: reuse one (the trainer's); default an HF engine on ``model``."""
     e, r = cfg.eval, cfg.rollout
-    engine = HFEngine(model, tok, r.generation_batch_size)
+    engine = engine or HFEngine(model, tok, r.generation_batch_size)
     params = SamplingParams(temperature=e.temperature if e.n > 1 or e.temperature > 0 else 0.0, top_p=e.top_p)
     limits = RolloutLimits(r.max_tool_calls if e.tools else 0, r.max_tokens_per_turn, r.max_response_tokens,
                            r.obs_head_chars, r.obs_tail_chars, cfg.sandbox.timeout_s, cfg.sandbox.replay_history,

@@ -43,6 +43,7 @@ class ToolProtocol:
     prompt: str = ""  # the paper's prompt (user message or raw template); {problem} is replaced
     json_code_arg: str | None = None  # the block is a JSON tool call; the code is arguments[json_code_arg]
     newline_first: bool = True  # start the inserted text on a new line (not for chat templates)
+    stop_strings: tuple[str, ...] = ()  # strings every trigger ends with, for engines that only take strings
 
     def find_stop(self, text: str) -> int | None:
         """Offset just past the first tool trigger in one turn's generated text, or None."""
@@ -60,7 +61,7 @@ class ToolProtocol:
 
     @property
     def stop(self) -> StopCondition:
-        return StopCondition(find=self.find_stop, strings=self.output_triggers)
+        return StopCondition(find=self.find_stop, strings=self.stop_strings)
 
     def extract_code(self, turn_text: str) -> str | None:
         """The last closed code block of one turn (None if there is none). For JSON tool calls, a
@@ -92,6 +93,7 @@ TORL = ToolProtocol(
     output_open="```output\n",
     output_close="\n```\n",
     output_triggers=("```output",),
+    stop_strings=("```output", "\n```"),
     prompt=("A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
             "User: Please integrate natural language reasoning with programs to solve the problem above, and put "
             "your final answer within \\boxed{{}}.\n{problem}\nAssistant:"),
@@ -103,6 +105,7 @@ RETOOL = ToolProtocol(
     block_re=r"<code>\s*```" + _PY + r"(.*?)```\s*</code>",
     output_open="<interpreter>\n",
     output_close="\n</interpreter>\n\n",
+    stop_strings=("</code>",),
     prompt=("Solve the following problem step by step. You now have the ability to selectively write executable "
             "Python code to enhance your reasoning process. The Python code will be executed by an external sandbox, "
             "and the output (wrapped in `<interpreter>output_str</interpreter>`) can be returned to aid your reasoning "
@@ -151,7 +154,7 @@ def chat_protocol(tokenizer) -> ToolProtocol:
     between = text[text.index(a_mark) + len(a_mark) :]
     head, tail = between.split(o_mark, 1)
     return ToolProtocol(name="chat", open_re=r"<tool_call>", close_re=r"</tool_call>", block_re=_CHAT_BLOCK,
-                        output_open=head, output_close=tail, json_code_arg="code", newline_first=False,
+                        output_open=head, output_close=tail, json_code_arg="code", newline_first=False, stop_strings=("</tool_call>",),
                         prompt="{problem}")
 
 
