@@ -156,3 +156,10 @@ def test_wandb_logger_offline(tiny_model_dir, tmp_path, monkeypatch):
                  'train.loggers=["jsonl", "wandb"]']) == 0
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_hub_dataset_names_fail_clearly_without_a_hub(tiny_model_dir, tmp_path, capsys):
+    # a hub dataset id is tried through `datasets`; here (no hub, no package) it must say so in one line
+    assert main(["eval", "--model", str(tiny_model_dir), "--bench", "SomeOrg/some-math-set:test", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "could not be loaded from the hub" in err and "Traceback" not in err

@@ -46,27 +46,37 @@ def default_data_dir() -> Path | None:
     return None
 
 
-def resolve_benchmark(name: str, data_dir: str | None, limit: int | None) -> list[Problem]:
+def resolve_benchmark(name: str, data_dir: str | None, limit: int | None, problem_field: str = "problem",
+                      answer_field: str = "answer") -> list[Problem]:
+    """``name``: a file ``<name>.jsonl`` in the data dir; a known benchmark on the hub (MATH-500,
+    AIME24, GSM8K); or any hub dataset id ``org/name[:split]`` (fields from data.problem_field /
+    data.answer_field), where a hub is reachable."""
     name = ALIASES.get(name, name)
     root = Path(data_dir) if data_dir else default_data_dir()
     if root is not None and (root / f"{name}.jsonl").is_file():
         return load_problems(root / f"{name}.jsonl", limit=limit)
     if name in HUB:
         return _from_hub(name, limit)
+    if "/" in name and not Path(name).exists():
+        dataset, _, split = name.partition(":")
+        HUB[name] = (dataset, None, split or "test", problem_field, answer_field)
+        return _from_hub(name, limit)
     known = sorted(p.stem for p in root.glob("*.jsonl")) if root else []
     raise TirlError(f"benchmark {name!r}: no {name}.jsonl in {root or '(no data dir found)'}. Known here: "
                     f"{', '.join(known) or 'none'}. Fix: --data-dir DIR (or $TIRL_DATA_DIR) with <name>.jsonl files.")
 
 
-def _from_hub(name: str, limit: int | None) -> list[Problem]:  # pragma: no cover - needs a reachable hub
+def _from_hub(name: str, limit: int | None) -> list[Problem]:
     dataset, conf, split, pf, af = HUB[name]
     try:
         from datasets import load_dataset
 
         rows = load_dataset(dataset, conf, split=split)
     except Exception as e:  # noqa: BLE001 - no hub, no package: one clear message
+        first = (str(e).splitlines() or [""])[0][:200]
         raise TirlError(f"benchmark {name!r} is not in the data dir and {dataset} could not be loaded from the hub "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Fix: --data-dir with {name}.jsonl.") from None
+                        f"({type(e).__name__}: {first}). Fix: --data-dir with a {name.split('/')[-1]}.jsonl file, "
+                        "or pip install datasets on a machine that reaches the hub.") from None
     out = []
     for i, row in enumerate(rows):
         answer = str(row[af]).split("####")[-1].strip()
@@ -108,7 +118,7 @@ def evaluate(model, tok, cfg: Config, sandbox: Sandbox, verifier: Verifier, out_
     system, template = (cfg.prompt.system, cfg.prompt.template) if e.tools else (e.no_tools_system, e.no_tools_template)
     results: dict[str, Any] = {}
     for bench in e.benches:
-        problems = resolve_benchmark(bench, e.data_dir, e.limit)
+        problems = resolve_benchmark(bench, e.data_dir, e.limit, cfg.data.problem_field, cfg.data.answer_field)
         torch.manual_seed(e.seed)
         t0 = time.perf_counter()
         tools = [CODE_INTERPRETER_TOOL] if e.tools and r.protocol == "chat" else None
