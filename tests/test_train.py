@@ -105,3 +105,29 @@ def test_chat_tool_call_protocol_runs_in_the_trainer(tiny_model_dir, tmp_path):
     finally:
         t.sandbox.close()
         t.verifier.close()
+
+
+def test_auto_engine_falls_back_to_hf_when_vllm_cannot_start(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Fake vLLM for this unit test: a module that is 'installed' but fails to start."""
+    import importlib.util
+    import sys
+    import types
+
+    from tirl.train import make_engine
+
+    broken = types.ModuleType("tirl.rollout.vllm_engine")
+
+    class VLLMEngine:  # stands in for a vLLM build that cannot run on this machine
+        def __init__(self, *a, **k):
+            raise RuntimeError("no CUDA device")
+
+    broken.VLLMEngine = VLLMEngine
+    monkeypatch.setitem(sys.modules, "tirl.rollout.vllm_engine", broken)
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find(name, *a))
+    model, tok = load_model(str(tiny_model_dir))
+    cfg = load_config("demo", [f"model.name={json.dumps(str(tiny_model_dir))}"])
+    assert type(make_engine(cfg, model, tok)).__name__ == "HFEngine"
+    assert "vLLM could not start (RuntimeError: no CUDA device)" in capsys.readouterr().out
+    with pytest.raises(Exception, match="vLLM could not start"):
+        make_engine(load_config("demo", [f"model.name={json.dumps(str(tiny_model_dir))}", "rollout.engine=vllm"]), model, tok)

