@@ -30,6 +30,7 @@ import torch
 from tirl.config import Config
 from tirl.rollout.protocol import ToolProtocol, get_protocol
 from tirl.types import TirlError
+from tirl.update.step import pad_tokens
 
 
 @dataclass
@@ -144,24 +145,14 @@ def sft_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tens
     return (nll * mask_BT[:, 1:]).sum() / max(num_tokens, 1)
 
 
-def _batch(examples: list[SFTExample], pad_id: int):
-    width = max(len(e.token_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    mask = torch.zeros((len(examples), width))
-    for i, e in enumerate(examples):
-        n = len(e.token_ids)
-        ids[i, :n], attn[i, :n], mask[i, :n] = torch.tensor(e.token_ids), 1, torch.tensor(e.mask, dtype=torch.float)
-    return ids, attn, mask
-
-
 def sft_step(model, optimizer, batch: list[SFTExample], micro: int, pad_id: int, grad_clip: float) -> dict[str, float]:
     n_tok = sum(sum(e.mask[1:]) for e in batch)
     total = 0.0
     model.train()
     optimizer.zero_grad(set_to_none=True)
     for c in range(0, len(batch), micro):
-        ids, attn, mask = _batch(batch[c : c + micro], pad_id)
+        part = batch[c : c + micro]
+        ids, attn, mask = pad_tokens([e.token_ids for e in part], [e.mask for e in part], pad_id)
         loss = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, mask, n_tok)
         loss.backward()
         total += float(loss.detach())

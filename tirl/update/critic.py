@@ -14,7 +14,7 @@ from torch import nn
 
 from tirl.loss import AGGREGATIONS, Normaliser, value_loss
 from tirl.types import Trajectory
-from tirl.update.step import _pad
+from tirl.update.step import _pad, pad_tokens
 
 
 class ValueModel(nn.Module):
@@ -34,11 +34,7 @@ class ValueModel(nn.Module):
 
 
 def _batch(trajs: list[Trajectory], pad_id: int):
-    width = max(len(t.token_ids) for t in trajs)
-    ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
-    for i, t in enumerate(trajs):
-        ids[i, : len(t.token_ids)] = torch.tensor(t.token_ids)
-    return ids, _pad([[1] * len(t.token_ids) for t in trajs], width, torch.long), _pad([t.mask for t in trajs], width, torch.float)
+    return pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id)
 
 
 @torch.no_grad()

@@ -32,14 +32,20 @@ def _pad(rows: list[list[float]] | list[list[int]], width: int, dtype) -> torch.
     return out
 
 
+def pad_tokens(token_ids: list[list[int]], masks: list[list[int]], pad_id: int):
+    """Right-padded ``(ids [B, T], attention_mask [B, T], loss_mask [B, T] float)`` — the one
+    place sequences of different lengths become a batch (RL update, critic, SFT)."""
+    width = max(map(len, token_ids))
+    ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    for i, t in enumerate(token_ids):
+        ids[i, : len(t)] = torch.tensor(t)
+    return ids, _pad([[1] * len(t) for t in token_ids], width, torch.long), _pad(masks, width, torch.float)
+
+
 def collate(trajs: list[Trajectory], advantages: list, pad_id: int, old: list | None = None, ref: list | None = None) -> MicroBatch:
     """``advantages[i]`` is a float (sequence-level) or a per-token list (e.g. GAE)."""
-    width = max(len(t.token_ids) for t in trajs)
-    ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
-    for i, t in enumerate(trajs):
-        ids[i, : len(t.token_ids)] = torch.tensor(t.token_ids)
-    attn = _pad([[1] * len(t.token_ids) for t in trajs], width, torch.long)
-    mask = _pad([t.mask for t in trajs], width, torch.float)
+    ids, attn, mask = pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id)
+    width = ids.shape[1]
     adv = _pad([a if isinstance(a, list) else [a] * len(t.token_ids) for t, a in zip(trajs, advantages)], width, torch.float)
     sampler = _pad([t.logprobs for t in trajs], width, torch.float)
     return MicroBatch(ids, attn, mask, _pad(old, width, torch.float) if old else sampler, sampler, adv * mask,
