@@ -129,6 +129,7 @@ def test_hf_engine_cuts_each_row_at_its_stop(tiny):
     stop = StopCondition(find=lambda text: (text.index("1") + 1) if "1" in text else None)
     torch.manual_seed(1)
     gens = engine.generate([tok("x")["input_ids"]] * 8, [40] * 8, SamplingParams(temperature=1.0), stop)
+    assert any(g.finish_reason == "tool" for g in gens)  # the stop condition was exercised
     for g in gens:
         text = tok.decode(g.token_ids)
         if g.finish_reason == "tool":

@@ -46,17 +46,23 @@ def test_cli_train_writes_metrics_trajectories_checkpoint(tiny_model_dir, tmp_pa
 def test_training_changes_the_weights(tiny_model_dir, tmp_path):
     from tirl.reward import register_term
 
+    calls = iter(range(10**6))
+
     @register_term("always_varied")
-    def _varied(traj, cfg):  # fake reward term for this unit test: varies, so groups have signal
-        return 1.0 if len(traj.token_ids) % 2 else -1.0
+    def _varied(traj, cfg):  # fake reward term for this unit test: alternates, so every group has signal
+        return 1.0 if next(calls) % 2 else -1.0
 
     cfg = load_config("demo", _overrides(tiny_model_dir, tmp_path, **{"reward.terms": "{always_varied = 1.0, correct = 0.0}"}))
 
     t = Trainer(cfg)
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
-    metrics, _ = t.step()
-    if metrics["update/tokens_trained"]:
-        assert any(not (p.detach() == before[n]).all() for n, p in t.model.named_parameters())
+    try:
+        metrics, _ = t.step()
+    finally:
+        t.sandbox.close()
+        t.verifier.close()
+    assert metrics["update/tokens_trained"] > 0
+    assert any(not (p.detach() == before[n]).all() for n, p in t.model.named_parameters())
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
