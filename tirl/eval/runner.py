@@ -56,18 +56,18 @@ def resolve_benchmark(name: str, data_dir: str | None, limit: int | None, proble
     if root is not None and (root / f"{name}.jsonl").is_file():
         return load_problems(root / f"{name}.jsonl", limit=limit)
     if name in HUB:
-        return _from_hub(name, limit)
+        return _from_hub(name, HUB[name], limit)
     if "/" in name and not Path(name).exists():
         dataset, _, split = name.partition(":")
-        HUB[name] = (dataset, None, split or "test", problem_field, answer_field)
-        return _from_hub(name, limit)
+        return _from_hub(name, (dataset, None, split or "test", problem_field, answer_field), limit)
     known = sorted(p.stem for p in root.glob("*.jsonl")) if root else []
     raise TirlError(f"benchmark {name!r}: no {name}.jsonl in {root or '(no data dir found)'}. Known here: "
                     f"{', '.join(known) or 'none'}. Fix: --data-dir DIR (or $TIRL_DATA_DIR) with <name>.jsonl files.")
 
 
-def _from_hub(name: str, limit: int | None) -> list[Problem]:
-    dataset, conf, split, pf, af = HUB[name]
+def _from_hub(name: str, spec: tuple[str, str | None, str, str, str], limit: int | None) -> list[Problem]:
+    """``spec`` = (dataset, config, split, problem field, answer field)."""
+    dataset, conf, split, pf, af = spec
     try:
         from datasets import load_dataset
 

@@ -4,7 +4,7 @@
 
 1. **Fast path, in-process** (no sympy): normalised string equality; plain numbers on both sides
    (integers with leading zeros or thousands separators, ``a/b``, ``\\frac{a}{b}``, decimals,
-   percentages are NOT assumed) compared exactly as fractions. Integers run at >100k pairs/s.
+   percentages are NOT assumed) compared exactly as fractions (integers: 60-100k pairs/s measured).
 2. **Exact numeric path, in a worker**: both sides parsed (math-verify's LaTeX parser, gold first);
    when both are numbers without free symbols, equality is decided exactly with sympy, after
    turning the answer's decimals into exact rationals. So ``0.5 = 1/2`` but ``0.3333333 != 1/3``,

@@ -50,8 +50,8 @@ class _LogprobRecorder(LogitsProcessor):
 
 
 class _StopOnCondition(StoppingCriteria):
-    def __init__(self, tokenizer, prompt_len: int, stop: StopCondition, batch: int) -> None:
-        self.tok, self.prompt_len, self.stop = tokenizer, prompt_len, stop
+    def __init__(self, tokenizer, stop: StopCondition, batch: int) -> None:
+        self.tok, self.stop = tokenizer, stop
         self.texts = [""] * batch
         self.done = [False] * batch
 
@@ -108,7 +108,7 @@ class HFEngine:
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
         recorder = _LogprobRecorder()
-        criteria = StoppingCriteriaList([_StopOnCondition(self.tok, width, stop, len(prompts))] if stop else [])
+        criteria = StoppingCriteriaList([_StopOnCondition(self.tok, stop, len(prompts))] if stop else [])
         greedy = params.temperature == 0
         gen_cfg = GenerationConfig(
             do_sample=not greedy, temperature=None, top_p=None, top_k=None,  # warpers: see _warpers

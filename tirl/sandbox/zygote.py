@@ -183,8 +183,7 @@ def kill_descendants():
     so once the direct child is reaped, any survivor (or its ancestor) is our child; if we have
     no children at all, nothing is left and /proc need not be scanned."""
     try:
-        if os.waitpid(-1, os.WNOHANG) == (0, 0):
-            pass  # children exist, none exited yet: scan
+        os.waitpid(-1, os.WNOHANG)  # reaps one exited child if any; raises if we have no children
     except ChildProcessError:
         return
     me = os.getpid()
