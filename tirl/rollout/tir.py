@@ -4,21 +4,24 @@ Each trajectory is one flat token list. Its mask is written as tokens are append
 1 for the ids the engine sampled, 0 for the prompt and for the ids of inserted tool output.
 Nothing is ever re-tokenised: the next turn continues from exactly these ids.
 
-Turns run in lock-step over the batch (all active trajectories generate, then all their code
-runs concurrently in the sandbox). At most ``max_tool_calls`` executions per trajectory: the
-turn after the last allowed call generates without the tool trigger, so code written then is
-never run (ToRL's switch to pure text reasoning).
+Two schedules, same trajectories: *lock-step* (all active trajectories generate a turn, then all
+their code runs; the batch waits for the slowest call, as the papers' code does) and *async* (one
+coroutine per trajectory: while one waits for the sandbox, the others keep generating). At most
+``max_tool_calls`` executions per trajectory: the turn after the last allowed call generates
+without the tool trigger, so code written then is never run (ToRL's switch to pure text reasoning).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from tirl.prompt import Prompt
 from tirl.rollout import protocol as torl
 from tirl.rollout.protocol import TORL, MalformedToolCall, ToolProtocol
-from tirl.rollout.engine import Engine, SamplingParams
+from tirl.rollout.engine import AsyncEngine, BatchingAsyncEngine, Engine, SamplingParams
 from tirl.sandbox import Sandbox
 from tirl.types import ExecResult, Problem, Segment, ToolCall, Trajectory
 
@@ -37,8 +40,8 @@ class RolloutLimits:
 
 @dataclass
 class RolloutTimes:
-    generate_s: float = 0.0
-    tools_s: float = 0.0
+    generate_s: float = 0.0  # wall time with at least one request in the engine
+    tools_s: float = 0.0  # wall time with only sandbox calls running: tool latency not hidden
 
 
 class _Builder:
@@ -64,6 +67,50 @@ class _Builder:
         return start, start + len(ids)
 
 
+class _Clock:
+    """Splits rollout wall time: ``generate_s`` while the engine has work, ``tools_s`` while only
+    the sandbox does (the tool latency that was *not* hidden behind generation)."""
+
+    def __init__(self) -> None:
+        self.times, self.busy, self.last = RolloutTimes(), {"gen": 0, "tool": 0}, time.perf_counter()
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self.busy["gen"]:
+            self.times.generate_s += now - self.last
+        elif self.busy["tool"]:
+            self.times.tools_s += now - self.last
+        self.last = now
+
+    @contextmanager
+    def span(self, kind: str):
+        self._tick()
+        self.busy[kind] += 1
+        try:
+            yield
+        finally:
+            self._tick()
+            self.busy[kind] -= 1
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    tokenizer: object
+    sandbox: Sandbox
+    params: SamplingParams
+    limits: RolloutLimits
+    protocol: ToolProtocol
+
+
+def resolve_mode(mode: str, engine) -> str:
+    """``auto``: async for an engine with continuous batching (vLLM), lock-step otherwise — a
+    static-batch engine gains little from async turns, and lock-step keeps its sampling
+    reproducible (the batch composition, hence the random stream, does not depend on timing)."""
+    if mode == "auto":
+        return "async" if hasattr(engine, "agenerate") else "lockstep"
+    return mode
+
+
 def rollout(
     engine: Engine,
     tokenizer,
@@ -72,36 +119,93 @@ def rollout(
     params: SamplingParams,
     limits: RolloutLimits,
     protocol: ToolProtocol = TORL,
+    mode: str = "lockstep",
 ) -> tuple[list[Trajectory], RolloutTimes]:
-    """Sample one trajectory per ``(problem, group, prompt)`` item, with ``protocol``'s tool format."""
+    """Sample one trajectory per ``(problem, group, prompt)`` item, with ``protocol``'s tool format.
+
+    ``mode="lockstep"``: turns over the whole batch (generate all, then run all their code).
+    ``mode="async"``: one coroutine per trajectory (:func:`rollout_async`). Same trajectories
+    either way; only the order in which the engine sees requests differs."""
+    if mode == "async":
+        return asyncio.run(rollout_async(engine, tokenizer, sandbox, items, params, limits, protocol))
+    if mode != "lockstep":
+        raise ValueError(f"unknown rollout mode {mode!r}; use 'lockstep' or 'async'")
+    ctx = _Ctx(tokenizer, sandbox, params, limits, protocol)
     builders = [_Builder(p, g, pr) for p, g, pr in items]
-    times = RolloutTimes()
+    clock = _Clock()
     for turn in range(limits.max_tool_calls + 1):
         active = [b for b in builders if not b.done]
         if not active:
             break
-        tools_allowed = turn < limits.max_tool_calls
-        budgets = [min(limits.max_tokens_per_turn, limits.max_response_tokens - b.used) for b in active]
-        t0 = time.perf_counter()
-        gens = engine.generate([b.t.token_ids for b in active], budgets, params, protocol.stop if tools_allowed else None)
-        times.generate_s += time.perf_counter() - t0
+        stop = protocol.stop if turn < limits.max_tool_calls else None
+        with clock.span("gen"):
+            gens = engine.generate([b.t.token_ids for b in active], [_budget(b, limits) for b in active], params, stop)
+        pending = [(b, call) for b, g in zip(active, gens) if (call := _take(b, g, ctx)) is not None]
+        runnable = [(b, code) for b, (_, code) in pending if isinstance(code, str)]
+        with clock.span("tool"):
+            results = iter(sandbox.run_many([_program(b, code, limits) for b, code in runnable], limits.tool_timeout_s))
+        for b, (text, code) in pending:
+            _insert(b, text, code, next(results) if isinstance(code, str) else None, turn, ctx)
+    return [b.t for b in builders], clock.times
 
-        pending: list[tuple[_Builder, str, str | None]] = []  # (builder, turn text, code)
-        for b, g in zip(active, gens):
-            text = tokenizer.decode(g.token_ids)
-            b.append("model", g.token_ids, text, g.logprobs)
-            b.t.finish_reason = g.finish_reason
-            if g.finish_reason == "tool":
-                try:
-                    pending.append((b, text, protocol.extract_code(text)))
-                except MalformedToolCall as e:  # fed back to the model as the tool's output
-                    pending.append((b, text, e))
-            else:
-                b.done = True  # eos, or out of budget
-        t0 = time.perf_counter()
-        _run_tools(sandbox, tokenizer, pending, turn, limits, protocol)
-        times.tools_s += time.perf_counter() - t0
-    return [b.t for b in builders], times
+
+async def rollout_async(
+    engine: Engine | AsyncEngine,
+    tokenizer,
+    sandbox: Sandbox,
+    items: list[tuple[Problem, int, Prompt]],
+    params: SamplingParams,
+    limits: RolloutLimits,
+    protocol: ToolProtocol = TORL,
+) -> tuple[list[Trajectory], RolloutTimes]:
+    """One coroutine per trajectory: while one waits for the sandbox, the others keep generating.
+    Each turn continues from the exact token ids so far. An engine without ``agenerate`` is
+    wrapped in :class:`BatchingAsyncEngine`."""
+    aengine = engine if hasattr(engine, "agenerate") else BatchingAsyncEngine(engine)  # type: ignore[arg-type]
+    ctx = _Ctx(tokenizer, sandbox, params, limits, protocol)
+    builders = [_Builder(p, g, pr) for p, g, pr in items]
+    clock = _Clock()
+    await asyncio.gather(*(_one_trajectory(aengine, b, ctx, clock) for b in builders))
+    return [b.t for b in builders], clock.times
+
+
+async def _one_trajectory(engine: AsyncEngine, b: _Builder, ctx: _Ctx, clock: _Clock) -> None:
+    limits = ctx.limits
+    for turn in range(limits.max_tool_calls + 1):
+        stop = ctx.protocol.stop if turn < limits.max_tool_calls else None
+        with clock.span("gen"):
+            g = await engine.agenerate(b.t.token_ids, _budget(b, limits), ctx.params, stop)
+        call = _take(b, g, ctx)
+        if call is None:
+            return
+        text, code = call
+        res = None
+        if isinstance(code, str):
+            with clock.span("tool"):
+                res = await ctx.sandbox.arun(_program(b, code, limits), limits.tool_timeout_s)
+        _insert(b, text, code, res, turn, ctx)
+        if b.done:
+            return
+
+
+def _budget(b: _Builder, limits: RolloutLimits) -> int:
+    return min(limits.max_tokens_per_turn, limits.max_response_tokens - b.used)
+
+
+def _take(b: _Builder, g, ctx: _Ctx) -> tuple[str, str | None | MalformedToolCall] | None:
+    """Append one generation (mask 1). Returns ``(turn text, code)`` when it ended on the tool
+    trigger (``code`` None: nothing to run; a ``MalformedToolCall``: fed back as the tool's
+    output), None when the trajectory is finished (EOS or out of budget)."""
+    text = ctx.tokenizer.decode(g.token_ids)
+    b.append("model", g.token_ids, text, g.logprobs)
+    b.t.finish_reason = g.finish_reason
+    if g.finish_reason != "tool":
+        b.done = True
+        return None
+    try:
+        return text, ctx.protocol.extract_code(text)
+    except MalformedToolCall as e:
+        return text, e
 
 
 def _program(b: _Builder, code: str, limits: RolloutLimits) -> str:
@@ -113,21 +217,19 @@ def _program(b: _Builder, code: str, limits: RolloutLimits) -> str:
     return code
 
 
-def _run_tools(sandbox: Sandbox, tokenizer, pending, turn: int, limits: RolloutLimits, protocol: ToolProtocol) -> None:
-    runnable = [(b, text, code) for b, text, code in pending if isinstance(code, str)]
-    results = iter(sandbox.run_many([_program(b, code, limits) for b, _, code in runnable], limits.tool_timeout_s))
-    for b, text, code in pending:
-        if isinstance(code, MalformedToolCall):
-            res, code = ExecResult("", str(code), 1), ""
-        elif code is None:  # the model wrote ```output without a python block before it
-            res = ExecResult("", "", None, error="no code block to run")
-        else:
-            res = next(results)
-        obs = torl.observation(res, limits.obs_head_chars, limits.obs_tail_chars)
-        inserted = protocol.insertion(text, obs)
-        ids = tokenizer(inserted, add_special_tokens=False)["input_ids"]
-        if b.used + len(ids) >= limits.max_response_tokens:
-            b.t.finish_reason, b.done = "length", True  # no room for the output and a reply
-            continue
-        span = b.append("tool", ids, inserted)
-        b.t.tool_calls.append(ToolCall(turn=turn, code=code or "", result=res, observation=obs, span=span))
+def _insert(b: _Builder, text: str, code, res: ExecResult | None, turn: int, ctx: _Ctx) -> None:
+    """Append the tool's output (mask 0), or end the trajectory when it does not fit."""
+    if isinstance(code, MalformedToolCall):
+        res, code = ExecResult("", str(code), 1), ""
+    elif code is None:  # the model wrote ```output without a python block before it
+        res = ExecResult("", "", None, error="no code block to run")
+    assert res is not None
+    limits = ctx.limits
+    obs = torl.observation(res, limits.obs_head_chars, limits.obs_tail_chars)
+    inserted = ctx.protocol.insertion(text, obs)
+    ids = ctx.tokenizer(inserted, add_special_tokens=False)["input_ids"]
+    if b.used + len(ids) >= limits.max_response_tokens:
+        b.t.finish_reason, b.done = "length", True  # no room for the output and a reply
+        return
+    span = b.append("tool", ids, inserted)
+    b.t.tool_calls.append(ToolCall(turn=turn, code=code or "", result=res, observation=obs, span=span))

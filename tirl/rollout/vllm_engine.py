@@ -12,7 +12,10 @@ so that :meth:`load_weights` can hand the trainer's tensors to the model runner 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
+from collections import deque
 
 from tirl.rollout.engine import Generation, SamplingParams, StopCondition
 
@@ -31,39 +34,73 @@ class VLLMEngine:
         self.tok = self.llm.get_tokenizer()
         self.eos_ids = {self.tok.eos_token_id}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self._pending: deque = deque()  # (request id, prompt ids, vLLM params, future) not yet added
+        self._driver: asyncio.Task | None = None
+        self._counter = itertools.count()
 
     def _params(self, params: SamplingParams, max_tokens: int, stop: StopCondition | None):
         from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
 
         greedy = params.temperature == 0
         return VSP(temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
                    top_k=0 if greedy or not params.top_k else params.top_k, max_tokens=max_tokens, logprobs=0,
-                   stop=list(stop.strings) if stop else None, include_stop_str_in_output=True)
+                   stop=list(stop.strings) if stop else None, include_stop_str_in_output=True,
+                   output_kind=RequestOutputKind.FINAL_ONLY)
 
     def generate(self, prompts, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None) -> list[Generation]:
-        ids = [[] for _ in prompts]
-        lps: list[list[float]] = [[] for _ in prompts]
-        reasons: list[str | None] = [None] * len(prompts)
-        todo = list(range(len(prompts)))
-        while todo:
-            outs = self.llm.generate([{"prompt_token_ids": list(prompts[i]) + ids[i]} for i in todo],
-                                     [self._params(params, max_new_tokens[i] - len(ids[i]), stop) for i in todo], use_tqdm=False)
-            nxt = []
-            for i, out in zip(todo, outs):
-                o = out.outputs[0]
-                ids[i] += list(o.token_ids)
-                lps[i] += [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)]
-                text = self.tok.decode(ids[i])
-                if stop is not None and stop.find(text) is not None:
-                    reasons[i] = "tool"
-                elif o.finish_reason == "length" or len(ids[i]) >= max_new_tokens[i]:
-                    reasons[i] = "length"
-                elif isinstance(o.stop_reason, str):  # a stop string that is not (yet) a trigger: go on
-                    nxt.append(i)
-                else:
-                    reasons[i] = "eos"
-            todo = nxt
-        return [Generation(token_ids=ids[i], logprobs=lps[i], finish_reason=reasons[i]) for i in range(len(prompts))]  # type: ignore[arg-type]
+        """Batched and blocking: the same requests as :meth:`agenerate`, all submitted at once."""
+        async def _all():
+            return await asyncio.gather(*(self.agenerate(p, n, params, stop) for p, n in zip(prompts, max_new_tokens)))
+
+        return list(asyncio.run(_all()))
+
+    async def agenerate(self, prompt, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None) -> Generation:
+        """One continuation, awaited; requests from many coroutines share the engine's running
+        batch (continuous batching). A stop string that is not yet a real trigger is continued
+        from the exact ids so far (prefix-cached)."""
+        ids: list[int] = []
+        lps: list[float] = []
+        while True:
+            o = (await self._submit(list(prompt) + ids, self._params(params, max_new_tokens - len(ids), stop))).outputs[0]
+            ids += list(o.token_ids)
+            lps += [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)]
+            if stop is not None and stop.find(self.tok.decode(ids)) is not None:
+                return Generation(ids, lps, "tool")
+            if o.finish_reason == "length" or len(ids) >= max_new_tokens:
+                return Generation(ids, lps, "length")
+            if not isinstance(o.stop_reason, str):  # EOS (a stop *string* that is no trigger: go on)
+                return Generation(ids, lps, "eos")
+
+    async def _submit(self, prompt_ids: list[int], sp):
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((f"r{next(self._counter)}", prompt_ids, sp, fut))
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive())
+        return await fut
+
+    async def _drive(self) -> None:
+        """Steps the in-process engine while any request is in flight; new requests join between
+        steps, so a trajectory back from the sandbox never waits for the others."""
+        engine, waiting = self.llm.llm_engine, {}
+        try:
+            while self._pending or waiting:
+                while self._pending:
+                    rid, ids, sp, fut = self._pending.popleft()
+                    engine.add_request(rid, {"prompt_token_ids": ids}, sp)
+                    waiting[rid] = fut
+                for out in await asyncio.to_thread(engine.step):
+                    if out.finished and out.request_id in waiting:
+                        waiting.pop(out.request_id).set_result(out)
+        except BaseException as e:
+            if waiting:
+                engine.abort_request(list(waiting))
+            waiting.update({rid: fut for rid, _, _, fut in self._pending})
+            self._pending.clear()
+            for fut in waiting.values():
+                if not fut.done():
+                    fut.set_exception(e if isinstance(e, Exception) else RuntimeError("the vLLM driver was cancelled"))
+            raise
 
     def load_weights(self, model) -> None:
         """Copy the trainer's current weights into the engine (after every update)."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
@@ -14,6 +15,10 @@ class Sandbox(Protocol):
     def run(self, code: str, timeout: float | None = None) -> ExecResult: ...
 
     def run_many(self, codes: list[str], timeout: float | None = None) -> list[ExecResult]: ...
+
+    async def arun(self, code: str, timeout: float | None = None) -> ExecResult:
+        """Await one execution (the async rollout's call); concurrency is bounded by the sandbox."""
+        ...
 
     def close(self) -> None: ...
 
@@ -32,8 +37,15 @@ class ThreadedRunMany:
         with ThreadPoolExecutor(max_workers=min(self.max_workers, len(codes))) as pool:
             return list(pool.map(lambda c: self.run(c, timeout), codes))
 
+    async def arun(self, code: str, timeout: float | None = None) -> ExecResult:
+        if getattr(self, "_async_pool", None) is None:
+            self._async_pool = ThreadPoolExecutor(max_workers=self.max_workers)
+        return await asyncio.get_running_loop().run_in_executor(self._async_pool, self.run, code, timeout)
+
     def close(self) -> None:
-        pass
+        if getattr(self, "_async_pool", None) is not None:
+            self._async_pool.shutdown(wait=False, cancel_futures=True)
+            self._async_pool = None
 
     def __enter__(self):
         return self
