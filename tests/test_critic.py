@@ -48,7 +48,7 @@ def test_ppo_with_critic_warmup_in_the_trainer(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(8)))
     cfg = load_config(None, [f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}",
-                             "algo.advantage=gae", "algo.critic_warmup=1", "algo.critic_lr=1e-3", "rollout.prompts_per_step=2",
+                             "algo.advantage=gae", "rollout.engine=hf", "algo.critic_warmup=1", "algo.critic_lr=1e-3", "rollout.prompts_per_step=2",
                              "rollout.group_size=2", "rollout.max_tokens_per_turn=12", "rollout.max_response_tokens=24"])
     t = Trainer(cfg)
     try:

@@ -108,3 +108,16 @@ def test_build_problems_and_sampler_state():
     assert sorted(p.id for p in first + rest[:2]) == sorted(p.id for p in probs)
     with pytest.raises(TirlError, match="unknown synthetic"):
         build_problems("synthetic:nope")
+
+
+def test_synthetic_sources_select_kinds_and_disjoint_ranges():
+    train = build_problems("synthetic:product", num_synthetic=50)
+    held = build_problems("synthetic:product@20000", num_synthetic=50)
+    assert all(p.source == "synthetic:product" for p in train + held)
+    assert not {p.problem for p in train} & {p.problem for p in held}
+    assert held[0] == make_problem(0, 20000, kinds=("product",))
+    two = build_problems("synthetic:product+gcd_lcm@7", num_synthetic=40)
+    assert {p.source for p in two} == {"synthetic:product", "synthetic:gcd_lcm"}
+    for bad in ("synthetic:product@x", "synthetic:product+nope", "synthetic:"):
+        with pytest.raises(TirlError, match="synthetic"):
+            build_problems(bad)

@@ -81,7 +81,7 @@ def trained_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     data = root / "toy.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(6)))
-    assert main(["train", "--no-progress", f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}",
+    assert main(["train", "--no-progress", f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}", "rollout.engine=hf",
                  f"train.output_dir={json.dumps(str(root))}", "train.run_name=r", "train.steps=3", "rollout.prompts_per_step=2",
                  "rollout.group_size=3", "rollout.max_tokens_per_turn=24", "rollout.max_response_tokens=48",
                  "eval.every=2", 'eval.benches=["gsm8k"]', "eval.limit=2", 'train.loggers=["jsonl", "tensorboard"]']) == 0
@@ -150,7 +150,7 @@ def test_wandb_logger_offline(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(4)))
-    assert main(["train", "--no-progress", f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}",
+    assert main(["train", "--no-progress", f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}", "rollout.engine=hf",
                  f"train.output_dir={json.dumps(str(tmp_path))}", "train.run_name=w", "train.steps=1", "rollout.prompts_per_step=2",
                  "rollout.group_size=2", "rollout.max_tokens_per_turn=12", "rollout.max_response_tokens=24",
                  'train.loggers=["jsonl", "wandb"]']) == 0

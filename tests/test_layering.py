@@ -5,8 +5,8 @@ from pathlib import Path
 
 import tirl
 
-ORDER = ["types", "config", "models", "data", "prompt", "sandbox", "rollout", "reward", "shaping", "advantage", "loss",
-         "update", "sft", "eval", "run", "train", "report", "cli"]
+ORDER = ["types", "config", "models", "data", "prompt", "sandbox", "rollout", "traces", "reward", "shaping", "advantage", "loss",
+         "update", "sft", "eval", "run", "train", "report", "headline", "cli"]
 
 
 def _stage(module: str) -> str:

@@ -39,7 +39,7 @@ def test_scaled_down_recipe_runs_two_steps(name, tiny_model_dir, tmp_path):
     traces.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "response": f"<code>\n```python\nprint({i}+{i})\n```\n</code>"
                                           f"\n<interpreter>\n{2 * i}\n</interpreter>\n\n<answer>\\boxed{{{2 * i}}}</answer>"}) + "\n" for i in range(6)))
     cfg = load_config(name, [
-        "requirements.min_gpus=0", f"model.name={json.dumps(str(tiny_model_dir))}", "model.dtype=float32",
+        "requirements.min_gpus=0", "rollout.engine=hf", f"model.name={json.dumps(str(tiny_model_dir))}", "model.dtype=float32",
         f"data.source={json.dumps(str(data))}", 'data.problem_field="problem"', 'data.answer_field="answer"',
         "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_tokens_per_turn=16", "rollout.max_response_tokens=32",
         "eval.every=0", "train.steps=2", f"train.output_dir={json.dumps(str(tmp_path))}", "train.save_every=0",

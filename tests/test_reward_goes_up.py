@@ -23,7 +23,7 @@ def test_reward_goes_up_on_toy_task(tiny_model_dir, tmp_path):
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({"problem": f"Say a number {i}", "answer": "0"}) + "\n" for i in range(8)))
     cfg = load_config(None, [
-        f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}", "reward.terms={toy_starts_with_digit = 1.0, correct = 0.0}",
+        f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}", "reward.terms={toy_starts_with_digit = 1.0, correct = 0.0}", "rollout.engine=hf",
         "rollout.prompts_per_step=4", "rollout.group_size=8", "rollout.max_tokens_per_turn=4", "rollout.max_response_tokens=4",
         "rollout.max_tool_calls=0", "rollout.temperature=1.0", "optim.lr=3e-3", "optim.micro_batch_size=32", "train.seed=0",
     ])

@@ -50,7 +50,7 @@ def test_dynamic_sampling_drops_and_refills(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"Say {i}", "answer": "0"}) + "\n" for i in range(40)))
     cfg = load_config(None, [f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}",
-                             "reward.terms={toy_half_signal = 1.0, correct = 0.0}", "rollout.prompts_per_step=3",
+                             "reward.terms={toy_half_signal = 1.0, correct = 0.0}", "rollout.engine=hf", "rollout.prompts_per_step=3",
                              "rollout.group_size=6", "rollout.max_tokens_per_turn=8", "rollout.max_response_tokens=8",
                              "rollout.max_tool_calls=0", "algo.dynamic_sampling=true", "algo.dynamic_sampling_rounds=6"])
     t = Trainer(cfg)

@@ -19,7 +19,7 @@ def _data(tmp_path, n=6):
 def _overrides(tiny_model_dir, tmp_path, **extra):
     base = {
         "model.name": str(tiny_model_dir), "data.source": str(_data(tmp_path)), "train.output_dir": str(tmp_path / "runs"),
-        "train.run_name": "t", "rollout.prompts_per_step": 2, "rollout.group_size": 3, "rollout.max_tokens_per_turn": 24,
+        "train.run_name": "t", "rollout.engine": "hf", "rollout.prompts_per_step": 2, "rollout.group_size": 3, "rollout.max_tokens_per_turn": 24,
         "rollout.max_response_tokens": 48, "rollout.temperature": 1.0, "optim.lr": 1e-3, "train.steps": 2,
     }
     base.update(extra)

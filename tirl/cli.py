@@ -108,6 +108,36 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_traces(args: argparse.Namespace) -> int:
+    from tirl.config import load_config
+    from tirl.sandbox import make_sandbox
+    from tirl.traces import make_traces, write_traces
+
+    cfg = load_config(args.config, list(args.overrides))
+    sandbox = make_sandbox(cfg.sandbox) if args.style == "code" else None
+    try:
+        rows = make_traces(args.n, args.style, seed=args.seed, start=args.start, sandbox=sandbox, system=cfg.prompt.system,
+                           template=cfg.prompt.template, difficulty=cfg.data.difficulty)
+    finally:
+        if sandbox is not None:
+            sandbox.close()
+    print(f"[tirl] {len(rows)} {args.style} traces in {write_traces(rows, args.out)}")
+    return 0
+
+
+def _cmd_headline(args: argparse.Namespace) -> int:
+    from tirl.headline import run_headline
+
+    _quiet_libraries()
+    seeds = [int(x) for x in args.seeds.split(",")]
+    res = run_headline(seeds, args.out, list(args.overrides), progress=not args.no_progress)
+    from tirl.headline import table
+
+    print(table(res))
+    print(f"[tirl] plot, table and curves in {args.out}/headline.{{png,md,json}}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -196,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--no-progress", action="store_true")
     sf.add_argument("overrides", nargs="*")
     sf.set_defaults(fn=_cmd_sft)
+    tr = sub.add_parser("traces", help="write synthetic cold-start SFT traces (code-integrated or text-only)")
+    tr.add_argument("--style", choices=["code", "text"], default="code")
+    tr.add_argument("--n", type=int, default=400)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--start", type=int, default=0, help="first problem index [0]")
+    tr.add_argument("--config", default="mini-retool", help="recipe giving the prompt [mini-retool]")
+    tr.add_argument("--out", default="traces.jsonl")
+    tr.add_argument("overrides", nargs="*")
+    tr.set_defaults(fn=_cmd_traces)
+    hl = sub.add_parser("headline", help="code-integrated vs text-only training (mini-retool vs mini-text), several seeds, one plot")
+    hl.add_argument("--seeds", default="0,1,2")
+    hl.add_argument("--out", default="runs/headline")
+    hl.add_argument("--no-progress", action="store_true")
+    hl.add_argument("overrides", nargs="*", help="applied to both arms, e.g. train.steps=4")
+    hl.set_defaults(fn=_cmd_headline)
     e = sub.add_parser("eval", help="evaluate a model on benchmarks (with or without tools)")
     e.add_argument("--model", default=None, help="embedded name, local folder or hub id [the recipe's model]")
     e.add_argument("--config", default="demo", help="recipe giving protocol, call limit, budgets [demo]")

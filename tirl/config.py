@@ -98,6 +98,15 @@ class RolloutConfig(_Strict):
     """vLLM's gpu_memory_utilization (on CPU: the share of host memory it may reserve)."""
     vllm_kv_cache_gb: int | None = Field(default=2, ge=1)
     """On CPU: VLLM_CPU_KVCACHE_SPACE in GiB (None: vLLM's default)."""
+    vllm_block_size: int | None = Field(default=None, ge=1)
+    """KV-cache block size (None: 32 on CPU, where vLLM's 128 makes every tool turn re-prefill up to
+    127 tokens — the prefix cache reuses whole blocks only; vLLM's default on GPU)."""
+    vllm_in_process: bool = True
+    """Run vLLM's engine core in this process (weights handed over in memory). False: vLLM's own
+    multiprocess engine core; weights then go through ``weight_sync = "disk"``."""
+    weight_sync: Literal["memory", "disk"] = "memory"
+    """How the trainer's weights reach vLLM after every update: ``memory`` (the tensors; in-process
+    only) or ``disk`` (a safetensors checkpoint in /dev/shm, reloaded by path: works across processes)."""
     protocol: Literal["torl", "retool", "chat"] = "torl"
     """Tool format: ToRL (```python / ```output), ReTool (<code> / <interpreter>), or chat-template
     tool calls (<tool_call> JSON -> a tool message); see tirl.rollout.protocol."""
@@ -188,7 +197,10 @@ class OptimConfig(_Strict):
 
 class SFTConfig(_Strict):
     data: str | None = None
-    """Traces (.jsonl/.parquet): ReTool-SFT rows, chat messages with tool turns, or {prompt, response}."""
+    """Traces (.jsonl/.parquet): ReTool-SFT rows, chat messages with tool turns, or {prompt, response};
+    or ``synthetic:code`` / ``synthetic:text``: generated cold-start traces for the product task (tirl.traces)."""
+    num_traces: int = Field(default=400, ge=1)
+    """How many synthetic traces (``sft.data = synthetic:...``)."""
     epochs: int = Field(default=2, ge=1)
     """ReTool: 2 epochs (verl's reproduction: 6)."""
     steps: int | None = Field(default=None, ge=1)
@@ -218,6 +230,8 @@ class EvalConfig(_Strict):
     pass_ks: list[int] = [1, 2, 4, 8, 16, 32]
     every: int = Field(default=0, ge=0)
     """During training: evaluate every N steps (0 = never)."""
+    at_start: bool = False
+    """During training: also evaluate before the first RL step (after SFT when sft.before_rl), logged as step 0."""
     seed: int = 0
 
 
@@ -263,6 +277,9 @@ class Config(_Strict):
             self.reward.overlong_max_tokens = self.rollout.max_response_tokens
         if self.sandbox.backend == "sandboxfusion" and not self.sandbox.url:
             raise ValueError("sandbox.backend = 'sandboxfusion' needs sandbox.url (e.g. http://127.0.0.1:8080)")
+        if not self.rollout.vllm_in_process and self.rollout.weight_sync == "memory":
+            raise ValueError("rollout.vllm_in_process = false needs rollout.weight_sync = \"disk\" (tensors in memory "
+                             "cannot reach another process)")
         if self.rollout.max_tokens_per_turn > self.rollout.max_response_tokens:
             raise ValueError(
                 "rollout.max_tokens_per_turn must be <= rollout.max_response_tokens "

@@ -110,13 +110,19 @@ def example_from_messages(tok, messages: list[dict[str, Any]], protocol: ToolPro
 def load_examples(path: str, tok, protocol: ToolProtocol, max_len: int) -> list[SFTExample]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise TirlError(f"SFT data {p} does not exist. Fix: sft.data = a .jsonl or .parquet file of traces")
+        raise TirlError(f"SFT data {p} does not exist. Fix: sft.data = a .jsonl or .parquet file of traces, "
+                        "or synthetic:code / synthetic:text")
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         rows = list(enumerate(pq.read_table(p).to_pylist(), 1))
     else:
         rows = [(i, json.loads(line)) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    return examples_from_rows(rows, tok, protocol, max_len, str(p))
+
+
+def examples_from_rows(rows: list[tuple[int, dict]], tok, protocol: ToolProtocol, max_len: int, where: str) -> list[SFTExample]:
+    """``rows``: ``(line number, row)``; errors name ``where:line``."""
     out = []
     for lineno, row in rows:
         try:
@@ -127,14 +133,32 @@ def load_examples(path: str, tok, protocol: ToolProtocol, max_len: int) -> list[
             else:
                 raise TirlError(f"row has neither 'messages' nor 'prompt'/'response' (keys: {sorted(row)})")
         except TirlError as e:
-            raise TirlError(f"{p}:{lineno}: {e}") from None
+            raise TirlError(f"{where}:{lineno}: {e}") from None
         if len(ex.token_ids) > max_len:  # keep the start: prompt and first turns (mask still exact)
             ex = SFTExample(ex.token_ids[:max_len], ex.mask[:max_len])
         if sum(ex.mask):
             out.append(ex)
     if not out:
-        raise TirlError(f"{p}: no example with tokens to learn")
+        raise TirlError(f"{where}: no example with tokens to learn")
     return out
+
+
+def synthetic_traces(cfg: Config) -> list[dict]:
+    """``sft.data = "synthetic:code"`` or ``"synthetic:text"``: cold-start traces on product problems
+    ``0 .. sft.num_traces-1`` (RL and evaluation take disjoint ranges), with the recipe's prompt."""
+    from tirl.sandbox import make_sandbox
+    from tirl.traces import make_traces
+
+    style = cfg.sft.data.split(":", 1)[1] if cfg.sft.data else ""
+    if style not in ("code", "text"):
+        raise TirlError(f"unknown sft.data {cfg.sft.data!r}; synthetic traces are synthetic:code or synthetic:text")
+    sandbox = make_sandbox(cfg.sandbox) if style == "code" else None
+    try:
+        return make_traces(cfg.sft.num_traces, style, seed=cfg.data.seed, sandbox=sandbox, system=cfg.prompt.system,
+                           template=cfg.prompt.template, difficulty=cfg.data.difficulty)  # type: ignore[arg-type]
+    finally:
+        if sandbox is not None:
+            sandbox.close()
 
 
 def sft_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -173,7 +197,11 @@ def run_sft(cfg: Config, progress: bool = True, model=None, tok=None) -> tuple[A
         raise TirlError("sft.data is not set: pass sft.data=traces.jsonl")
     if model is None:
         model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir)
-    examples = load_examples(s.data, tok, get_protocol(cfg.rollout.protocol, tok), s.max_len)
+    protocol = get_protocol(cfg.rollout.protocol, tok)
+    if s.data.startswith("synthetic:"):
+        examples = examples_from_rows(list(enumerate(synthetic_traces(cfg), 1)), tok, protocol, s.max_len, s.data)
+    else:
+        examples = load_examples(s.data, tok, protocol, s.max_len)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)
     rng = random.Random(cfg.train.seed)
     steps_per_epoch = max(1, len(examples) // s.batch_size)

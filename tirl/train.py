@@ -58,7 +58,8 @@ def make_engine(cfg: Config, model, tok):
 
             engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.cache_dir), dtype=cfg.model.dtype,
                                 memory_fraction=r.vllm_memory_fraction, max_model_len=4096, seed=cfg.train.seed,
-                                kv_cache_gb=r.vllm_kv_cache_gb)
+                                kv_cache_gb=r.vllm_kv_cache_gb, in_process=r.vllm_in_process,
+                                block_size=r.vllm_block_size)
         except Exception as e:  # noqa: BLE001 - e.g. a CUDA build of vLLM on a CPU machine
             msg = f"vLLM could not start ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
             if r.engine == "vllm":
@@ -68,7 +69,7 @@ def make_engine(cfg: Config, model, tok):
             return HFEngine(model, tok, r.generation_batch_size)
         engine.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if cfg.sft.before_rl and cfg.sft.data:
-            engine.load_weights(model)  # SFT already moved the weights
+            engine.load_weights(model, r.weight_sync)  # SFT already moved the weights
         return engine
     return HFEngine(model, tok, r.generation_batch_size)
 
@@ -208,7 +209,7 @@ class Trainer:
             self.scheduler.step()
             if hasattr(self.engine, "load_weights"):  # an engine with its own copy of the weights
                 t1 = time.perf_counter()
-                self.engine.load_weights(self.model)
+                self.engine.load_weights(self.model, self.cfg.rollout.weight_sync)
                 t_sync = time.perf_counter() - t1
         self.state.data = self.sampler.state_dict()
         metrics = {"step": self.state.step, **rollout_metrics(trajs), **{f"update/{k}": v for k, v in upd.items()},
@@ -242,7 +243,7 @@ class Trainer:
     def evaluate(self, out_dir: Path) -> dict[str, float]:
         """Periodic evaluation; returns flat ``eval/<bench>/<score>`` metrics."""
         res = evaluate(self.model, self.tok, self.cfg, self.sandbox, self.verifier, out_dir, engine=self.engine)
-        flat = {f"eval/{b}/{k}": v for b, r in res["benches"].items() for k, v in r["scores"].items()}
+        flat = {f"eval/{b}/{k}": v for b, r in res["benches"].items() for k, v in {**r["scores"], **r["tool"]}.items()}
         flat.update({f"eval/avg/{k}": v for k, v in res["average"].items()})
         return flat
 
@@ -267,6 +268,8 @@ def train(cfg: Config, progress: bool = True) -> Path:
                   engine=type(trainer.engine).__name__)
     bar = tqdm(total=cfg.train.steps, desc=f"tirl {cfg.recipe}", unit="step", disable=not progress, dynamic_ncols=True)
     try:
+        if cfg.eval.at_start and trainer.state.step == 0:  # the starting point (after SFT, before RL)
+            run.log_metrics({"step": 0, **trainer.evaluate(run.path / "eval" / "step_000000")})
         while trainer.state.step < cfg.train.steps:
             t0 = time.perf_counter()
             metrics, trajs = trainer.step()

@@ -8,7 +8,8 @@ from tirl.data.loader import get_field, load_problems
 from tirl.data.synthetic import arithmetic_problems, make_problem
 from tirl.types import Problem, TirlError
 
-__all__ = ["ProblemSampler", "arithmetic_problems", "build_problems", "get_field", "load_problems", "make_problem"]
+__all__ = ["ProblemSampler", "arithmetic_problems", "build_problems", "get_field", "load_problems", "make_problem",
+           "parse_synthetic"]
 
 
 def build_problems(
@@ -22,13 +23,30 @@ def build_problems(
     difficulty: int = 1,
     seed: int = 0,
 ) -> list[Problem]:
-    """``source`` is ``synthetic:arithmetic`` or a file path."""
+    """``source`` is a file path or ``synthetic:<kinds>[@start]``: ``synthetic:arithmetic`` (every
+    kind), ``synthetic:product`` or ``synthetic:product+gcd_lcm`` (those kinds only), with ``@start``
+    taking problems from index ``start`` on (disjoint ranges: disjoint train / held-out sets)."""
     if source.startswith("synthetic:"):
-        name = source.split(":", 1)[1]
-        if name != "arithmetic":
-            raise TirlError(f"unknown synthetic source {source!r}; known: synthetic:arithmetic")
-        return arithmetic_problems(min(num_synthetic, limit or num_synthetic), seed=seed, difficulty=difficulty)
+        kinds, start = parse_synthetic(source)
+        return arithmetic_problems(min(num_synthetic, limit or num_synthetic), seed=seed, difficulty=difficulty,
+                                   kinds=kinds, start=start)
     return load_problems(source, problem_field, answer_field, id_field, limit)
+
+
+def parse_synthetic(source: str) -> tuple[tuple[str, ...] | None, int]:
+    """``synthetic:product+series@500`` -> ``(("product", "series"), 500)``; ``arithmetic`` = all kinds."""
+    from tirl.data.synthetic import KINDS
+
+    spec = source.split(":", 1)[1]
+    names, _, start = spec.partition("@")
+    if start and not start.isdigit():
+        raise TirlError(f"synthetic source {source!r}: the part after '@' must be a start index (e.g. @1000)")
+    kinds = None if names == "arithmetic" else tuple(names.split("+"))
+    unknown = set(kinds or ()) - set(KINDS)
+    if unknown or not names:
+        raise TirlError(f"unknown synthetic source {source!r}; use synthetic:arithmetic or synthetic:<kind>[+<kind>][@start] "
+                        f"with kinds {', '.join(KINDS)}")
+    return kinds, int(start or 0)
 
 
 class ProblemSampler:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tirl.config import Config
-from tirl.data import load_problems
+from tirl.data import build_problems, load_problems
 from tirl.eval.metrics import rollout_metrics
 from tirl.eval.published import TORL_BENCHES, published_for
 from tirl.eval.scores import aggregate, problem_scores
@@ -52,6 +52,8 @@ def resolve_benchmark(name: str, data_dir: str | None, limit: int | None, proble
     AIME24, GSM8K); or any hub dataset id ``org/name[:split]`` (fields from data.problem_field /
     data.answer_field), where a hub is reachable."""
     name = ALIASES.get(name, name)
+    if name.startswith("synthetic:"):  # the embedded generator: a fixed, seeded set (seed 0)
+        return build_problems(name, num_synthetic=limit or 100)
     root = Path(data_dir) if data_dir else default_data_dir()
     if root is not None and (root / f"{name}.jsonl").is_file():
         return load_problems(root / f"{name}.jsonl", limit=limit)

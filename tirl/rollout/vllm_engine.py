@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
+import tempfile
 from collections import deque
 
 from tirl.rollout.engine import Generation, SamplingParams, StopCondition
@@ -22,15 +24,24 @@ from tirl.rollout.engine import Generation, SamplingParams, StopCondition
 
 class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "bfloat16", memory_fraction: float = 0.2,
-                 max_model_len: int = 4096, seed: int = 0, kv_cache_gb: int | None = None):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weight sync is a call
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # start-up messages don't flood the console
+                 max_model_len: int = 4096, seed: int = 0, kv_cache_gb: int | None = None, in_process: bool = True,
+                 block_size: int | None = None):
+        # in-process: weight sync is a call with the tensors; otherwise vLLM's engine-core process
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # start-up messages don't flood the console
         if kv_cache_gb is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))  # vLLM wants whole GiB
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        if block_size is None and current_platform.is_cpu():
+            # vLLM's CPU default is 128-token KV blocks, and the prefix cache reuses whole blocks only:
+            # each tool turn re-submits its context and re-prefilled up to 127 tokens (~1 ms each on
+            # 2 cores). 32 (the smallest size the CPU kernels prefer) made turns ~1.5x cheaper.
+            block_size = 32
+        kw = {"block_size": block_size} if block_size else {}
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=memory_fraction, seed=seed,
-                       max_model_len=max_model_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+                       max_model_len=max_model_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kw)
         self.tok = self.llm.get_tokenizer()
         self.eos_ids = {self.tok.eos_token_id}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -89,9 +100,13 @@ class VLLMEngine:
                     rid, ids, sp, fut = self._pending.popleft()
                     engine.add_request(rid, {"prompt_token_ids": ids}, sp)
                     waiting[rid] = fut
-                for out in await asyncio.to_thread(engine.step):
+                # The step runs on this (the event loop's) thread: vLLM bound its CPU threads to this
+                # one, and a step from a worker thread ran ~1.5x slower. Sandbox calls run in their
+                # own threads meanwhile; their results are picked up between steps.
+                for out in engine.step():
                     if out.finished and out.request_id in waiting:
                         waiting.pop(out.request_id).set_result(out)
+                await asyncio.sleep(0)  # let finished trajectories go on (and submit) before the next step
         except BaseException as e:
             if waiting:
                 engine.abort_request(list(waiting))
@@ -102,8 +117,26 @@ class VLLMEngine:
                     fut.set_exception(e if isinstance(e, Exception) else RuntimeError("the vLLM driver was cancelled"))
             raise
 
-    def load_weights(self, model) -> None:
-        """Copy the trainer's current weights into the engine (after every update)."""
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
-        self.llm.reset_prefix_cache()
+    def load_weights(self, model, via: str = "memory") -> None:
+        """Copy the trainer's current weights into the engine (after every update).
+
+        ``memory``: the tensors themselves go to the model runner (``reload_weights`` with a
+        weights iterator) — only possible when the engine runs in this process. ``disk``: the
+        trainer writes a safetensors checkpoint to ``/dev/shm`` and the engine reloads it from that
+        path; only the path crosses the process boundary, so this is how an engine in another
+        process (vLLM's multiprocess engine core, a separate rollout server sharing the host)
+        is synced. Across hosts, the same call takes a path on shared storage."""
+        if via == "memory":
+            state = {k: v.detach() for k, v in model.state_dict().items()}
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+        elif via == "disk":
+            root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            path = tempfile.mkdtemp(prefix="tirl-weights-", dir=root)
+            try:
+                model.save_pretrained(path, safe_serialization=True)
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+        else:
+            raise ValueError(f"unknown weight sync {via!r}; use 'memory' or 'disk'")
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights

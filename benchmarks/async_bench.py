@@ -1,0 +1,149 @@
+"""Rollout wall time with a controlled tool latency: per-trajectory async vs lock-step, same run.
+
+    .venv/bin/python benchmarks/async_bench.py [--engine vllm|hf] [--medians 0.25,0.5,1,2] [--n 16]
+
+The engine is real (the embedded model, greedy, so every schedule yields the same trajectories);
+the tool is a stand-in with a *controlled* latency: every line the model ends is a tool call
+(up to ``--calls`` per trajectory), the "sandbox" sleeps for a latency drawn from a log-normal distribution (median
+M, sigma 1: mean 1.65 M, p90 3.6 M, p99 10 M — a fresh interpreter per call plus queueing has
+such a long tail) and returns "ok". The latency of a call is a function of its text, so every
+schedule waits the same. Rows:
+
+* ``no tools``: the same prompts generate exactly the token count each trajectory sampled, in one
+  request with no stops (vLLM: ``min_tokens = max_tokens``, EOS ignored) — the floor;
+* ``tools, 0 s``: the same rollout with zero latency (the cost of turns themselves);
+* ``lock-step`` / ``async`` at each median latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+import zlib
+
+from tirl.rollout.protocol import ToolProtocol
+from tirl.types import ExecResult
+
+LINE = ToolProtocol(name="line", open_re=r"\A", close_re=r"\n", block_re=r"\A(.*?)\n",
+                    output_open="```output\n", output_close="\n```\n", stop_strings=("\n",))
+
+
+class DelaySandbox:
+    """Sleeps a latency determined by the code's text, then answers ``ok`` (nothing is run)."""
+
+    def __init__(self, median_s: float, sigma: float = 1.0, seed: int = 0):
+        self.median, self.sigma, self.seed, self.total = median_s, sigma, seed, 0.0
+
+    def latency(self, code: str) -> float:
+        if self.median <= 0:
+            return 0.0
+        rng = random.Random(zlib.crc32(code.encode()) ^ self.seed)
+        return self.median * math.exp(rng.gauss(0.0, self.sigma))
+
+    def run(self, code: str, timeout: float | None = None) -> ExecResult:
+        d = self.latency(code)
+        self.total += d
+        time.sleep(d)
+        return ExecResult("ok\n", "", 0, duration_s=d)
+
+    def run_many(self, codes, timeout=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, len(codes))) as ex:
+            return list(ex.map(self.run, codes))
+
+    async def arun(self, code: str, timeout: float | None = None) -> ExecResult:
+        import asyncio
+
+        d = self.latency(code)  # every call waits concurrently, as lock-step's run_many does
+        self.total += d
+        await asyncio.sleep(d)
+        return ExecResult("ok\n", "", 0, duration_s=d)
+
+    def close(self) -> None:
+        pass
+
+
+def _no_tools_seconds(engine, items, counts: list[int]) -> float:
+    """Wall time to sample exactly ``counts[i]`` tokens after prompt ``i``, no stops."""
+    t0 = time.perf_counter()
+    if hasattr(engine, "llm"):
+        from vllm import SamplingParams as VSP
+
+        engine.llm.generate([{"prompt_token_ids": list(pr.token_ids)} for _, _, pr in items],
+                            [VSP(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, logprobs=0) for n in counts],
+                            use_tqdm=False)
+    else:  # HF: one batch to the longest count (a static batch cannot stop rows early anyway)
+        import torch
+
+        from tirl.rollout import SamplingParams
+
+        with torch.no_grad():
+            engine.generate([list(pr.token_ids) for _, _, pr in items], counts, SamplingParams(temperature=0.0))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="float32", help="float32: batch composition never flips a greedy token")
+    ap.add_argument("--medians", default="0.25,0.5,1,2")
+    ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the tool latency [1]")
+    ap.add_argument("--n", type=int, default=16, help="trajectories")
+    ap.add_argument("--calls", type=int, default=4, help="max tool calls per trajectory")
+    ap.add_argument("--turn-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    from tirl.data import arithmetic_problems
+    from tirl.models import load_model, resolve_model_path
+    from tirl.prompt import render_prompt
+    from tirl.rollout import RolloutLimits, SamplingParams, rollout
+
+    path = str(resolve_model_path(args.model))
+    model, tok = load_model(path, args.dtype)
+    if args.engine == "vllm":
+        from tirl.rollout.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(path, dtype=args.dtype, kv_cache_gb=2)
+    else:
+        from tirl.rollout.hf_engine import HFEngine
+
+        engine = HFEngine(model, tok, batch_size=args.n)
+    items = [(p, i, render_prompt(p, tok, "chat", "{problem}\nExplain your reasoning step by step, one short line per step.", ""))
+             for i, p in enumerate(arithmetic_problems(args.n, seed=3))]
+    limits = RolloutLimits(max_tool_calls=args.calls, max_tokens_per_turn=args.turn_tokens,
+                           max_response_tokens=args.turn_tokens * (args.calls + 1) + 64 * args.calls)
+    greedy = SamplingParams(temperature=0.0)
+    rollout(engine, tok, DelaySandbox(0), items[:2], greedy, limits, LINE, "async")  # warm-up
+
+    def run(mode: str, median: float):
+        sb = DelaySandbox(median, args.sigma)
+        t0 = time.perf_counter()
+        trajs, times = rollout(engine, tok, sb, items, greedy, limits, LINE, mode)
+        return time.perf_counter() - t0, trajs, times, sb.total
+
+    wall0, ref, _, _ = run("async", 0.0)
+    counts = [sum(t.mask) for t in ref]
+    floor = _no_tools_seconds(engine, items, counts)
+    calls = sum(len(t.tool_calls) for t in ref)
+    print(f"engine {args.engine}, {args.model} ({args.dtype}), greedy; {args.n} trajectories, {sum(counts)} sampled "
+          f"tokens, {calls} tool calls (<= {args.calls} each, <= {args.turn_tokens} tokens per turn); "
+          f"latency log-normal, sigma {args.sigma:g}")
+    print("| tool latency (median) | schedule | wall s | exposed tool s | sum of tool latencies s | same tokens | vs no tools | lock-step / async |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| - | no tools (same token counts) | {floor:.1f} | - | - | - | 1.00x | - |")
+    print(f"| 0 | async | {wall0:.1f} | - | 0 | yes | {wall0 / floor:.2f}x | - |")
+    for m in [float(x) for x in args.medians.split(",")]:
+        res = {mode: run(mode, m) for mode in ("lockstep", "async")}
+        for mode, (wall, trajs, times, total) in res.items():
+            same = "yes" if [t.token_ids for t in trajs] == [t.token_ids for t in ref] else "no"
+            ratio = f"{res['lockstep'][0] / res['async'][0]:.2f}x" if mode == "async" else ""
+            print(f"| {m:g} s | {mode} | {wall:.1f} | {times.tools_s:.1f} | {total:.1f} | {same} | {wall / floor:.2f}x | {ratio} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Synthetic cold-start traces: every program runs and prints its answer; the text derivations are
+exact; the SFT mask covers exactly the interpreter spans."""
+
+import re
+
+import pytest
+
+from tirl.rollout.protocol import TORL
+from tirl.sandbox import ZygotePool
+from tirl.sft import example_from_messages
+from tirl.traces import make_traces
+from tirl.types import TirlError
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with ZygotePool(lanes=2) as sb:
+        yield sb
+
+
+def test_every_program_runs_in_the_real_sandbox_and_prints_the_answer(pool):
+    rows = make_traces(60, "code", seed=3, sandbox=pool, system="S")
+    for r in rows:
+        text = r["messages"][-1]["content"]
+        (code,) = re.findall(r"```python\n(.*?)\n```", text, re.S)
+        (out,) = re.findall(r"```output\n(.*?)\n```", text, re.S)
+        assert pool.run(code).stdout.strip() == out == r["answer"]  # the output shown is the program's real output
+        assert text.rstrip().endswith(f"\\boxed{{{r['answer']}}}.")
+        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+    assert len({re.sub(r"\d+", "N", r["messages"][-1]["content"]) for r in rows}) >= 40  # phrasing varies
+
+
+def test_text_traces_are_exact_long_multiplications():
+    for r in make_traces(60, "text", seed=3):
+        text = r["messages"][-1]["content"]
+        assert "```" not in text
+        for a, p, q in re.findall(r"(\d+) (?:\\times|times|\\cdot) (\d+) (?:=|is) (\d+)\.", text):
+            assert int(a) * int(p) == int(q)
+        (terms, total) = re.search(r"((?:\d+ \+ )*\d+) = (\d+)\.$", text.splitlines()[-2]).groups()
+        assert sum(int(t) for t in terms.split(" + ")) == int(total) == int(r["answer"])
+        assert f"\\boxed{{{r['answer']}}}" in text
+
+
+def test_traces_are_seeded_and_disjoint_by_start(pool):
+    a = make_traces(10, "text", seed=1)
+    assert a == make_traces(10, "text", seed=1)
+    assert not {r["id"] for r in a} & {r["id"] for r in make_traces(10, "text", seed=1, start=10)}
+    with pytest.raises(TirlError, match="sandbox"):
+        make_traces(2, "code")
+
+
+def test_sft_mask_covers_exactly_the_interpreter_spans(tiny, pool):
+    _, tok = tiny
+    for r in make_traces(20, "code", seed=5, sandbox=pool, system="Use Python."):
+        ex = example_from_messages(tok, r["messages"], TORL)
+        learned = tok.decode([t for t, m in zip(ex.token_ids, ex.mask) if m])
+        response = r["messages"][-1]["content"]
+        (span,) = re.findall(r"\n```output\n.*?\n```\n", response, re.S)
+        before, after = response.split(span)
+        # mask 1 = exactly the assistant's own text (before and after the output) and its end-of-turn
+        assert learned == before + after + "<|im_end|>"
+        given = [t for t, m in zip(ex.token_ids, ex.mask) if not m]
+        assert span in tok.decode(given) and r["messages"][1]["content"] in tok.decode(given)

@@ -1,0 +1,127 @@
+"""Synthetic cold-start traces for the embedded arithmetic task (ReTool's stage 1, in miniature).
+
+Two styles over the same problems, as chat ``messages`` rows that ``tirl sft`` reads:
+
+* ``code``: a sentence of reasoning, a ```` ```python ```` program, its **real** sandbox output
+  inserted exactly as the rollout inserts it (the ToRL protocol's ```` ```output ```` block, the
+  same truncation), then a conclusion with ``\\boxed{answer}``. A trace is kept only if the
+  program ran and printed the exact answer;
+* ``text``: the same problems solved in words, the way a text-only SFT set is written: a
+  decomposition of the product into partial products, each exact, the sum, and the boxed answer.
+
+Phrasing (sentences, variable names, program shapes, decompositions) is drawn per trace from a
+seeded ``random.Random``, so the model cannot just memorise one template; the same seed gives the
+same traces everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Literal
+
+from tirl.data import arithmetic_problems
+from tirl.rollout import protocol as proto
+from tirl.rollout.protocol import TORL
+from tirl.sandbox import Sandbox
+from tirl.types import Problem, TirlError
+
+Style = Literal["code", "text"]
+
+_OPENERS = [
+    "We need the product of {a} and {b}.", "The answer is {a} times {b}.", "This asks for {a} \\times {b}.",
+    "To solve this, multiply {a} by {b}.", "The total is {a} multiplied by {b}.", "We have to compute {a} \\cdot {b}.",
+]
+_TO_CODE = [
+    "Let me compute it with Python.", "I will let Python do the multiplication.", "A short program gives the exact value.",
+    "Let's run a quick calculation.", "I'll check this with code.", "Python can compute this exactly.",
+]
+_CONCLUDE = [
+    "So the answer is \\boxed{{{ans}}}.", "The program prints {ans}, so the answer is \\boxed{{{ans}}}.",
+    "Therefore the result is \\boxed{{{ans}}}.", "The output is {ans}. The answer is \\boxed{{{ans}}}.",
+    "Hence the total is \\boxed{{{ans}}}.", "So {a} \\times {b} = {ans}, and the answer is \\boxed{{{ans}}}.",
+]
+_NAMES = [("a", "b"), ("x", "y"), ("m", "n"), ("first", "second"), ("count", "size"), ("p", "q")]
+
+
+def _operands(problem: Problem) -> tuple[int, int]:
+    """The two factors of a synthetic product problem (checked against its answer)."""
+    nums = [int(x) for x in re.findall(r"\d+", problem.problem)]
+    for i in range(len(nums)):
+        for j in range(i + 1, len(nums)):
+            if nums[i] * nums[j] == int(problem.answer):
+                return nums[i], nums[j]
+    raise TirlError(f"problem {problem.id!r} is not a product of two numbers in its text: {problem.problem!r}")
+
+
+def _program(rng: random.Random, a: int, b: int) -> str:
+    u, v = rng.choice(_NAMES)
+    shape = rng.randrange(5)
+    if shape == 0:
+        return f"print({a} * {b})"
+    if shape == 1:
+        return f"{u} = {a}\n{v} = {b}\nprint({u} * {v})"
+    if shape == 2:
+        return f"{u} = {a}\n{v} = {b}\nresult = {u} * {v}\nprint(result)"
+    if shape == 3:
+        return f"from math import prod\nprint(prod([{a}, {b}]))"
+    return f"def multiply({u}, {v}):\n    return {u} * {v}\n\nprint(multiply({a}, {b}))"
+
+
+def code_response(rng: random.Random, a: int, b: int, run: Sandbox, head: int = 128, tail: int = 128) -> tuple[str, str]:
+    """``(response, observation)``: reasoning, a program, its real output, the boxed answer."""
+    code = _program(rng, a, b)
+    turn = f"{rng.choice(_OPENERS).format(a=a, b=b)} {rng.choice(_TO_CODE)}\n```python\n{code}\n```"
+    obs = proto.observation(run.run(code), head, tail)
+    inserted = TORL.insertion(turn, obs)  # byte for byte what the rollout inserts after this turn
+    ans = a * b
+    return turn + inserted + rng.choice(_CONCLUDE).format(a=a, b=b, ans=ans), obs
+
+
+def text_response(rng: random.Random, a: int, b: int) -> str:
+    """Long multiplication in words: ``b`` split into place values (or ``a``), partial products, sum."""
+    if rng.random() < 0.5:
+        a, b = b, a
+    parts = [int(d) * 10**k for k, d in enumerate(reversed(str(b))) if d != "0"][::-1]
+    prods = [a * p for p in parts]
+    lines = [rng.choice(_OPENERS).format(a=a, b=b),
+             rng.choice(["Split {b} by place value: {split}.", "Write {b} = {split}.", "Break {b} into {split}."]).format(
+                 b=b, split=" + ".join(map(str, parts)))]
+    for p, q in zip(parts, prods):
+        lines.append(rng.choice(["{a} \\times {p} = {q}.", "{a} times {p} is {q}.", "Then {a} \\cdot {p} = {q}."]).format(a=a, p=p, q=q))
+    total = sum(prods)
+    lines.append(rng.choice(["Adding them: {s} = {t}.", "The sum is {s} = {t}.", "Add the partial products: {s} = {t}."]).format(
+        s=" + ".join(map(str, prods)), t=total))
+    lines.append(rng.choice(_CONCLUDE).format(a=a, b=b, ans=total))
+    return "\n".join(lines)
+
+
+def make_traces(n: int, style: Style, seed: int = 0, start: int = 0, sandbox: Sandbox | None = None,
+                system: str | None = None, template: str = "{problem}", difficulty: int = 1) -> list[dict]:
+    """``n`` SFT rows (``messages``, plus ``answer`` and ``id``) on product problems
+    ``start .. start+n-1`` of ``seed``. ``code`` style needs a sandbox (the outputs are real)."""
+    if style == "code" and sandbox is None:
+        raise TirlError("code-integrated traces run their programs: pass a sandbox")
+    rows = []
+    for p in arithmetic_problems(n, seed=seed, difficulty=difficulty, kinds=("product",), start=start):
+        rng = random.Random(f"trace:{style}:{p.id}")
+        a, b = _operands(p)
+        if style == "code":
+            response, obs = code_response(rng, a, b, sandbox)  # type: ignore[arg-type]
+            if obs.strip() != p.answer:
+                raise TirlError(f"trace {p.id}: the program printed {obs!r}, expected {p.answer} (is the sandbox working?)")
+        else:
+            response = text_response(rng, a, b)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": template.format(problem=p.problem)}, {"role": "assistant", "content": response}]
+        rows.append({"id": p.id, "answer": p.answer, "messages": msgs})
+    return rows
+
+
+def write_traces(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
