@@ -6,8 +6,10 @@ Token ids in (``TokensPrompt``), token ids + log-probs out. Log-probs are vLLM's
 HF engine records). vLLM takes only stop *strings*, so it stops on ``StopCondition.strings`` (a
 superset of the protocol's triggers, e.g. ``\\n```` `` also ends the ```` ```python ```` opener line),
 and a row whose text holds no real trigger yet is continued from its exact token ids — with the
-prefix cache that costs little. The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
-so that :meth:`load_weights` can hand the trainer's tensors to the model runner directly.
+prefix cache that costs little. By default the engine runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that :meth:`load_weights` can hand the trainer's tensors
+to the model runner directly; ``in_process=False`` puts vLLM's engine core in its own process and
+weights then travel as a checkpoint path (``via="disk"``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # start-up messages don't flood the console
         if kv_cache_gb is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))  # vLLM wants whole GiB
+        import vllm.envs
+
+        # vLLM freezes its environment on the first engine's start; a later engine in this process
+        # (another mode, another cache size) must see the variables set just above.
+        if hasattr(vllm.envs, "disable_envs_cache"):
+            vllm.envs.disable_envs_cache()
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -133,10 +141,28 @@ class VLLMEngine:
             root = "/dev/shm" if os.path.isdir("/dev/shm") else None
             path = tempfile.mkdtemp(prefix="tirl-weights-", dir=root)
             try:
-                model.save_pretrained(path, safe_serialization=True)
+                _save_full_state(model, path)
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
             finally:
                 shutil.rmtree(path, ignore_errors=True)
         else:
             raise ValueError(f"unknown weight sync {via!r}; use 'memory' or 'disk'")
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+
+def _save_full_state(model, path: str) -> None:
+    """Every named tensor, tied ones included, as one safetensors file (+ the config).
+
+    ``save_pretrained`` drops tied duplicates (``lm_head.weight`` of a tied-embedding model);
+    vLLM's in-place reload then keeps its old LM head (tied at start-up, untied by the reload):
+    measured 0.7 nats off after one update. Writing the duplicate explicitly keeps them equal."""
+    from safetensors.torch import save_file
+
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        t = v.detach().contiguous()
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        state[k] = t.clone() if key in seen else t  # safetensors refuses shared storage
+        seen.add(key)
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(path)
