@@ -3,14 +3,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo headline test test-all lint clean
 
 setup:
 	@bash scripts/setup.sh
 
-## demo: GRPO with the ToRL tool protocol on the embedded SmolLM2-135M-Instruct (CPU, ~10 min)
+## demo: the code-integrated arm of the laptop headline (recipe mini-retool) on the embedded
+## SmolLM2-135M-Instruct: cold-start SFT on synthetic code traces, then GRPO with the sandbox (~12 min on 2 cores)
 demo: setup
-	$(PY) -m tirl train --config demo $(ARGS)
+	$(PY) -m tirl train --config mini-retool $(ARGS)
+
+## headline: both arms (code-integrated vs text-only) over two seeds, table + plot (~55 min on 2 cores)
+headline: setup
+	$(PY) -m tirl headline --seeds 0,1 --out runs/headline $(ARGS)
 
 ## test: the default (CPU-fast) test suite
 test: setup

@@ -25,3 +25,12 @@ def test_headline_runs_both_arms_and_plots(tiny_model_dir, tmp_path):
     table = (out / "headline.md").read_text()
     assert "| mini-retool |" in table and "| mini-text |" in table
     assert (out / "headline.png").stat().st_size > 10_000
+
+
+def test_the_console_learning_curve_line_names_each_benchmark_accuracy_and_tool_use():
+    from tirl.train import _eval_line
+
+    ev = {"eval/synthetic:product@20000/avg@2": 0.9375, "eval/synthetic:product@20000/pass@2": 1.0,
+          "eval/synthetic:product@20000/tool_calls_per_traj": 1.0, "eval/gsm8k/avg@2": 0.25, "eval/avg/avg@2": 0.59375}
+    assert _eval_line(4, ev) == ("[tirl] held-out @ step 4: synthetic:product@20000 avg@2 0.938 (tool calls 1.00); "
+                                 "gsm8k avg@2 0.250 (tool calls 0.00)")

@@ -40,10 +40,9 @@ def run_headline(seeds: list[int], out_dir: str | Path, overrides: list[str] | N
                  arms: tuple[str, ...] = ARMS, progress: bool = True) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"seeds": seeds, "overrides": overrides or [], "arms": {}}
-    for arm in arms:
-        results["arms"][arm] = {}
-        for seed in seeds:
+    results: dict = {"seeds": seeds, "overrides": overrides or [], "arms": {arm: {} for arm in arms}}
+    for seed in seeds:  # seed-major: a run cut short still has both arms for the seeds it finished
+        for arm in arms:
             cfg = load_config(arm, [f"train.seed={seed}", f"train.output_dir={json.dumps(str(out))}",
                                     f"train.run_name={arm}-seed{seed}", *(overrides or [])])
             run_dir = train(cfg, progress=progress)

@@ -251,6 +251,17 @@ class Trainer:
         return {**asdict(self.state), "seed": self.cfg.train.seed}
 
 
+def _eval_line(step: int, ev: dict[str, float]) -> str:
+    """``[tirl] held-out @ step 4: product avg@2 0.94 (tool calls 1.00)`` from evaluation metrics."""
+    parts = []
+    for k, v in ev.items():
+        bench, _, name = k[len("eval/"):].rpartition("/")
+        if bench != "avg" and name.startswith("avg@"):
+            calls = ev.get(f"eval/{bench}/tool_calls_per_traj", 0.0)
+            parts.append(f"{bench} {name} {v:.3f} (tool calls {calls:.2f})")
+    return f"[tirl] held-out @ step {step}: " + "; ".join(parts)
+
+
 def train(cfg: Config, progress: bool = True) -> Path:
     """Run ``cfg.train.steps`` steps; returns the run directory. On any failure a checkpoint of
     the current weights and the error are written before the exception propagates."""
@@ -269,7 +280,9 @@ def train(cfg: Config, progress: bool = True) -> Path:
     bar = tqdm(total=cfg.train.steps, desc=f"tirl {cfg.recipe}", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         if cfg.eval.at_start and trainer.state.step == 0:  # the starting point (after SFT, before RL)
-            run.log_metrics({"step": 0, **trainer.evaluate(run.path / "eval" / "step_000000")})
+            ev = trainer.evaluate(run.path / "eval" / "step_000000")
+            run.log_metrics({"step": 0, **ev})
+            tqdm.write(_eval_line(0, ev))
         while trainer.state.step < cfg.train.steps:
             t0 = time.perf_counter()
             metrics, trajs = trainer.step()
@@ -277,7 +290,9 @@ def train(cfg: Config, progress: bool = True) -> Path:
             if cfg.train.save_trajectories:
                 run.log_trajectories(trainer.state.step, trajs)
             if cfg.eval.every and trainer.state.step % cfg.eval.every == 0:
-                metrics.update(trainer.evaluate(run.path / "eval" / f"step_{trainer.state.step:06d}"))
+                ev = trainer.evaluate(run.path / "eval" / f"step_{trainer.state.step:06d}")
+                metrics.update(ev)
+                tqdm.write(_eval_line(trainer.state.step, ev))  # the held-out learning curve, as it grows
             run.log_metrics(metrics)
             if cfg.train.save_every and trainer.state.step % cfg.train.save_every == 0:
                 run.save_checkpoint(trainer.model, trainer.tok, trainer.state_dict(), f"checkpoint-{trainer.state.step}")
