@@ -13,9 +13,9 @@ setup:
 demo: setup
 	$(PY) -m tirl train --config mini-retool $(ARGS)
 
-## headline: both arms (code-integrated vs text-only) over two seeds, table + plot (~55 min on 2 cores)
+## headline: both arms (code-integrated vs text-only) over three seeds, table + plot (~71 min on 2 cores)
 headline: setup
-	$(PY) -m tirl headline --seeds 0,1 --out runs/headline $(ARGS)
+	$(PY) -m tirl headline --seeds 0,1,2 --out runs/headline $(ARGS)
 
 ## test: the default (CPU-fast) test suite
 test: setup
