@@ -61,3 +61,18 @@ def test_sft_mask_covers_exactly_the_interpreter_spans(tiny, pool):
         assert learned == before + after + "<|im_end|>"
         given = [t for t, m in zip(ex.token_ids, ex.mask) if not m]
         assert span in tok.decode(given) and r["messages"][1]["content"] in tok.decode(given)
+
+
+def test_the_traces_command_writes_the_recipes_prompt_and_real_outputs(tmp_path):
+    import json
+
+    from tirl.cli import main
+
+    out = tmp_path / "t.jsonl"
+    assert main(["traces", "--style", "code", "--n", "3", "--start", "7", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["arith-0-7", "arith-0-8", "arith-0-9"]
+    for r in rows:
+        system, user, reply = r["messages"]
+        assert system["role"] == "system" and "```python" in system["content"]  # mini-retool's prompt
+        assert f"```output\n{r['answer']}\n```" in reply["content"]  # the program's real output

@@ -110,29 +110,19 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 def _cmd_traces(args: argparse.Namespace) -> int:
     from tirl.config import load_config
-    from tirl.sandbox import make_sandbox
-    from tirl.traces import make_traces, write_traces
+    from tirl.traces import traces_for, write_traces
 
-    cfg = load_config(args.config, list(args.overrides))
-    sandbox = make_sandbox(cfg.sandbox) if args.style == "code" else None
-    try:
-        rows = make_traces(args.n, args.style, seed=args.seed, start=args.start, sandbox=sandbox, system=cfg.prompt.system,
-                           template=cfg.prompt.template, difficulty=cfg.data.difficulty)
-    finally:
-        if sandbox is not None:
-            sandbox.close()
+    rows = traces_for(load_config(args.config, list(args.overrides)), args.style, args.n, args.seed, args.start)
     print(f"[tirl] {len(rows)} {args.style} traces in {write_traces(rows, args.out)}")
     return 0
 
 
 def _cmd_headline(args: argparse.Namespace) -> int:
-    from tirl.headline import run_headline
+    from tirl.headline import run_headline, table
 
     _quiet_libraries()
     seeds = [int(x) for x in args.seeds.split(",")]
     res = run_headline(seeds, args.out, list(args.overrides), progress=not args.no_progress)
-    from tirl.headline import table
-
     print(table(res))
     print(f"[tirl] plot, table and curves in {args.out}/headline.{{png,md,json}}")
     return 0

@@ -146,19 +146,12 @@ def examples_from_rows(rows: list[tuple[int, dict]], tok, protocol: ToolProtocol
 def synthetic_traces(cfg: Config) -> list[dict]:
     """``sft.data = "synthetic:code"`` or ``"synthetic:text"``: cold-start traces on product problems
     ``0 .. sft.num_traces-1`` (RL and evaluation take disjoint ranges), with the recipe's prompt."""
-    from tirl.sandbox import make_sandbox
-    from tirl.traces import make_traces
+    from tirl.traces import traces_for
 
     style = cfg.sft.data.split(":", 1)[1] if cfg.sft.data else ""
     if style not in ("code", "text"):
         raise TirlError(f"unknown sft.data {cfg.sft.data!r}; synthetic traces are synthetic:code or synthetic:text")
-    sandbox = make_sandbox(cfg.sandbox) if style == "code" else None
-    try:
-        return make_traces(cfg.sft.num_traces, style, seed=cfg.data.seed, sandbox=sandbox, system=cfg.prompt.system,
-                           template=cfg.prompt.template, difficulty=cfg.data.difficulty)  # type: ignore[arg-type]
-    finally:
-        if sandbox is not None:
-            sandbox.close()
+    return traces_for(cfg, style, cfg.sft.num_traces, seed=cfg.data.seed)  # type: ignore[arg-type]
 
 
 def sft_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: int) -> torch.Tensor:

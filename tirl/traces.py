@@ -22,10 +22,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from tirl.config import Config
 from tirl.data import arithmetic_problems
 from tirl.rollout import protocol as proto
 from tirl.rollout.protocol import TORL
-from tirl.sandbox import Sandbox
+from tirl.sandbox import Sandbox, make_sandbox
 from tirl.types import Problem, TirlError
 
 Style = Literal["code", "text"]
@@ -118,6 +119,17 @@ def make_traces(n: int, style: Style, seed: int = 0, start: int = 0, sandbox: Sa
             {"role": "user", "content": template.format(problem=p.problem)}, {"role": "assistant", "content": response}]
         rows.append({"id": p.id, "answer": p.answer, "messages": msgs})
     return rows
+
+
+def traces_for(cfg: Config, style: Style, n: int, seed: int, start: int = 0) -> list[dict]:
+    """:func:`make_traces` with a recipe's prompt, difficulty and sandbox (opened for the code style, then closed)."""
+    sandbox = make_sandbox(cfg.sandbox) if style == "code" else None
+    try:
+        return make_traces(n, style, seed=seed, start=start, sandbox=sandbox, system=cfg.prompt.system,
+                           template=cfg.prompt.template, difficulty=cfg.data.difficulty)
+    finally:
+        if sandbox is not None:
+            sandbox.close()
 
 
 def write_traces(rows: list[dict], path: str | Path) -> Path:
