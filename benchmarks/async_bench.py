@@ -11,7 +11,8 @@ schedule waits the same. Rows:
 
 * ``no tools``: the same prompts generate exactly the token count each trajectory sampled, in one
   request with no stops (vLLM: ``min_tokens = max_tokens``, EOS ignored) — the floor;
-* ``tools, 0 s``: the same rollout with zero latency (the cost of turns themselves);
+* ``tools, 0 s``: the same rollout with zero latency (the cost of turns themselves), with vLLM
+  sessions (each trajectory's KV kept across its calls) and, for comparison, a new request per turn;
 * ``lock-step`` / ``async`` at each median latency.
 """
 
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="trajectories")
     ap.add_argument("--calls", type=int, default=4, help="max tool calls per trajectory")
     ap.add_argument("--turn-tokens", type=int, default=64)
+    ap.add_argument("--max-seqs", type=int, default=None,
+                    help="vLLM max_num_seqs: requests decoded at once, the rest queue (default: vLLM's, 256 on CPU)")
     args = ap.parse_args()
 
     from tirl.data import arithmetic_problems
@@ -107,7 +110,7 @@ def main() -> None:
     if args.engine == "vllm":
         from tirl.rollout.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine(path, dtype=args.dtype, kv_cache_gb=2)
+        engine = VLLMEngine(path, dtype=args.dtype, kv_cache_gb=2, max_num_seqs=args.max_seqs)
     else:
         from tirl.rollout.hf_engine import HFEngine
 
@@ -117,7 +120,10 @@ def main() -> None:
     limits = RolloutLimits(max_tool_calls=args.calls, max_tokens_per_turn=args.turn_tokens,
                            max_response_tokens=args.turn_tokens * (args.calls + 1) + 64 * args.calls)
     greedy = SamplingParams(temperature=0.0)
-    rollout(engine, tok, DelaySandbox(0), items[:2], greedy, limits, LINE, "async")  # warm-up
+    # Warm-up at full size: the first run of a batch shape pays vLLM's one-off costs (measured ~2.7 s
+    # of a 14 s row at n=32), which would be charged to whichever schedule ran first.
+    warm, _ = rollout(engine, tok, DelaySandbox(0), items, greedy, limits, LINE, "async")
+    _no_tools_seconds(engine, items, [sum(t.mask) for t in warm])
 
     def run(mode: str, median: float):
         sb = DelaySandbox(median, args.sigma)
@@ -131,11 +137,17 @@ def main() -> None:
     calls = sum(len(t.tool_calls) for t in ref)
     print(f"engine {args.engine}, {args.model} ({args.dtype}), greedy; {args.n} trajectories, {sum(counts)} sampled "
           f"tokens, {calls} tool calls (<= {args.calls} each, <= {args.turn_tokens} tokens per turn); "
-          f"latency log-normal, sigma {args.sigma:g}")
+          f"latency log-normal, sigma {args.sigma:g}; vLLM max_num_seqs {args.max_seqs or 'default'}")
     print("| tool latency (median) | schedule | wall s | exposed tool s | sum of tool latencies s | same tokens | vs no tools | lock-step / async |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| - | no tools (same token counts) | {floor:.1f} | - | - | - | 1.00x | - |")
     print(f"| 0 | async | {wall0:.1f} | - | 0 | yes | {wall0 / floor:.2f}x | - |")
+    if getattr(engine, "sessions", False):  # the same, every turn a new request (no KV kept across calls)
+        engine.sessions = False
+        wall_ns, trajs, _, _ = run("async", 0.0)
+        engine.sessions = True
+        same = "yes" if [t.token_ids for t in trajs] == [t.token_ids for t in ref] else "no"
+        print(f"| 0 | async, a new request per turn | {wall_ns:.1f} | - | 0 | {same} | {wall_ns / floor:.2f}x | - |")
     for m in [float(x) for x in args.medians.split(",")]:
         res = {mode: run(mode, m) for mode in ("lockstep", "async")}
         for mode, (wall, trajs, times, total) in res.items():

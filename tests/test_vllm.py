@@ -18,7 +18,7 @@ from tirl.models import embedded_model_dir, load_model  # noqa: E402
 from tirl.prompt import render_prompt  # noqa: E402
 from tirl.rollout import RolloutLimits, SamplingParams, rollout  # noqa: E402
 from tirl.rollout.hf_engine import HFEngine  # noqa: E402
-from tirl.rollout.protocol import TORL  # noqa: E402
+from tirl.rollout.protocol import TORL, ToolProtocol  # noqa: E402
 from tirl.sandbox import ZygotePool  # noqa: E402
 from tirl.update import token_logprobs  # noqa: E402
 
@@ -49,6 +49,52 @@ def test_vllm_rollout_matches_hf_greedy(engines, mode):
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids and x.mask == y.mask
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-3
+
+
+LINE = ToolProtocol(name="line", open_re=r"\A", close_re=r"\n", block_re=r"\A(.*?)\n",
+                    output_open="```output\n", output_close="\n```\n", stop_strings=("\n",))
+
+
+@pytest.mark.parametrize("mode", ["async", "lockstep"])
+def test_sessions_keep_the_kv_cache_across_tool_calls(engines, mode):
+    """With sessions (the in-process default) a trajectory's later turns prefill only the inserted
+    tool output: vLLM computes no position twice (+1 token per call, which computes the trigger's
+    KV), where a new request per turn re-prefills the tail of its context. Same tokens either way,
+    and no request (no KV) is left in vLLM afterwards. Every line the model ends is a tool call,
+    run by the real sandbox."""
+    v, _, model, tok = engines
+    assert v.sessions
+    items = [(p, i, render_prompt(p, tok, "chat", "{problem}\nExplain your reasoning step by step, one short line per step.", ""))
+             for i, p in enumerate(arithmetic_problems(6, seed=3))]
+    sched, counted = v._sched, []
+    schedule = sched.schedule
+
+    def counting(*a, **k):
+        out = schedule(*a, **k)
+        counted[-1] += out.total_num_scheduled_tokens
+        return out
+
+    runs = {}
+    sched.schedule = counting
+    try:
+        with ZygotePool(lanes=2) as sb:
+            for on in (True, False):
+                v.sessions = on
+                v.llm.reset_prefix_cache()  # every run starts from an empty cache
+                counted.append(0)
+                runs[on], _ = rollout(v, tok, sb, items, SamplingParams(temperature=0.0), RolloutLimits(3, 48, 320), LINE, mode)
+                assert not sched.requests  # every session released
+    finally:
+        sched.schedule = schedule
+        v.sessions = True
+    with_s, without = runs[True], runs[False]
+    calls = sum(len(t.tool_calls) for t in with_s)
+    assert calls >= len(items)
+    for x, y in zip(with_s, without):
+        assert x.token_ids == y.token_ids and x.mask == y.mask
+        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-3
+    positions = sum(len(t.token_ids) for t in with_s)
+    assert counted[0] <= positions + calls < counted[1]
 
 
 @pytest.mark.parametrize("via", ["memory", "disk"])

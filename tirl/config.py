@@ -101,6 +101,13 @@ class RolloutConfig(_Strict):
     vllm_block_size: int | None = Field(default=None, ge=1)
     """KV-cache block size (None: 32 on CPU, where vLLM's 128 makes every tool turn re-prefill up to
     127 tokens — the prefix cache reuses whole blocks only; vLLM's default on GPU)."""
+    vllm_max_num_seqs: int | None = Field(default=None, ge=1)
+    """Most requests vLLM decodes at once (None: vLLM's default, 256 on CPU, 1024 on GPU). The rest
+    wait in its queue; with the async schedule a trajectory's slot goes to a waiting one while its
+    tool call runs."""
+    vllm_sessions: bool = True
+    """Keep each trajectory's vLLM request and KV cache across its tool calls (in-process engine;
+    the next turn prefills only the inserted output). False: every turn is a new request."""
     vllm_in_process: bool = True
     """Run vLLM's engine core in this process (weights handed over in memory). False: vLLM's own
     multiprocess engine core; weights then go through ``weight_sync = "disk"``."""

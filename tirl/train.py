@@ -59,7 +59,8 @@ def make_engine(cfg: Config, model, tok):
             engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.cache_dir), dtype=cfg.model.dtype,
                                 memory_fraction=r.vllm_memory_fraction, max_model_len=4096, seed=cfg.train.seed,
                                 kv_cache_gb=r.vllm_kv_cache_gb, in_process=r.vllm_in_process,
-                                block_size=r.vllm_block_size)
+                                block_size=r.vllm_block_size, max_num_seqs=r.vllm_max_num_seqs,
+                                sessions=r.vllm_sessions)
         except Exception as e:  # noqa: BLE001 - e.g. a CUDA build of vLLM on a CPU machine
             msg = f"vLLM could not start ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
             if r.engine == "vllm":

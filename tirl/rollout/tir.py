@@ -133,20 +133,39 @@ def rollout(
     ctx = _Ctx(tokenizer, sandbox, params, limits, protocol)
     builders = [_Builder(p, g, pr) for p, g, pr in items]
     clock = _Clock()
-    for turn in range(limits.max_tool_calls + 1):
-        active = [b for b in builders if not b.done]
-        if not active:
-            break
-        stop = protocol.stop if turn < limits.max_tool_calls else None
-        with clock.span("gen"):
-            gens = engine.generate([b.t.token_ids for b in active], [_budget(b, limits) for b in active], params, stop)
-        pending = [(b, call) for b, g in zip(active, gens) if (call := _take(b, g, ctx)) is not None]
-        runnable = [(b, code) for b, (_, code) in pending if isinstance(code, str)]
-        with clock.span("tool"):
-            results = iter(sandbox.run_many([_program(b, code, limits) for b, code in runnable], limits.tool_timeout_s))
-        for b, (text, code) in pending:
-            _insert(b, text, code, next(results) if isinstance(code, str) else None, turn, ctx)
+    with _sessions(engine, builders) as sessions:
+        for turn in range(limits.max_tool_calls + 1):
+            active = [b for b in builders if not b.done]
+            if not active:
+                break
+            stop = protocol.stop if turn < limits.max_tool_calls else None
+            kw = {"sessions": active} if sessions else {}
+            with clock.span("gen"):
+                gens = engine.generate([b.t.token_ids for b in active], [_budget(b, limits) for b in active], params,
+                                       stop, **kw)
+            pending = [(b, call) for b, g in zip(active, gens) if (call := _take(b, g, ctx)) is not None]
+            runnable = [(b, code) for b, (_, code) in pending if isinstance(code, str)]
+            with clock.span("tool"):
+                results = iter(sandbox.run_many([_program(b, code, limits) for b, code in runnable], limits.tool_timeout_s))
+            for b, (text, code) in pending:
+                _insert(b, text, code, next(results) if isinstance(code, str) else None, turn, ctx)
+            for b in active:
+                if sessions and b.done:
+                    engine.release(b)
     return [b.t for b in builders], clock.times
+
+
+@contextmanager
+def _sessions(engine, builders: list[_Builder]):
+    """Whether ``engine`` keeps each trajectory's KV cache across its tool calls (vLLM sessions,
+    keyed by the trajectory's builder); every session is released when the rollout ends."""
+    on = bool(getattr(engine, "sessions", False))
+    try:
+        yield on
+    finally:
+        if on:
+            for b in builders:
+                engine.release(b)
 
 
 async def rollout_async(
@@ -165,27 +184,35 @@ async def rollout_async(
     ctx = _Ctx(tokenizer, sandbox, params, limits, protocol)
     builders = [_Builder(p, g, pr) for p, g, pr in items]
     clock = _Clock()
-    await asyncio.gather(*(_one_trajectory(aengine, b, ctx, clock) for b in builders))
+    with _sessions(aengine, builders) as sessions:
+        await asyncio.gather(*(_one_trajectory(aengine, b, ctx, clock, sessions) for b in builders))
+    if hasattr(aengine, "drain"):
+        await aengine.drain()  # the engine's driver ends with this event loop
     return [b.t for b in builders], clock.times
 
 
-async def _one_trajectory(engine: AsyncEngine, b: _Builder, ctx: _Ctx, clock: _Clock) -> None:
+async def _one_trajectory(engine: AsyncEngine, b: _Builder, ctx: _Ctx, clock: _Clock, session: bool = False) -> None:
     limits = ctx.limits
-    for turn in range(limits.max_tool_calls + 1):
-        stop = ctx.protocol.stop if turn < limits.max_tool_calls else None
-        with clock.span("gen"):
-            g = await engine.agenerate(b.t.token_ids, _budget(b, limits), ctx.params, stop)
-        call = _take(b, g, ctx)
-        if call is None:
-            return
-        text, code = call
-        res = None
-        if isinstance(code, str):
-            with clock.span("tool"):
-                res = await ctx.sandbox.arun(_program(b, code, limits), limits.tool_timeout_s)
-        _insert(b, text, code, res, turn, ctx)
-        if b.done:
-            return
+    kw = {"session": b} if session else {}
+    try:
+        for turn in range(limits.max_tool_calls + 1):
+            stop = ctx.protocol.stop if turn < limits.max_tool_calls else None
+            with clock.span("gen"):
+                g = await engine.agenerate(b.t.token_ids, _budget(b, limits), ctx.params, stop, **kw)
+            call = _take(b, g, ctx)
+            if call is None:
+                return
+            text, code = call
+            res = None
+            if isinstance(code, str):
+                with clock.span("tool"):
+                    res = await ctx.sandbox.arun(_program(b, code, limits), limits.tool_timeout_s)
+            _insert(b, text, code, res, turn, ctx)
+            if b.done:
+                return
+    finally:
+        if session:
+            engine.release(b)  # a finished trajectory's KV cache is freed at once
 
 
 def _budget(b: _Builder, limits: RolloutLimits) -> int:

@@ -10,6 +10,14 @@ prefix cache that costs little. By default the engine runs in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that :meth:`load_weights` can hand the trainer's tensors
 to the model runner directly; ``in_process=False`` puts vLLM's engine core in its own process and
 weights then travel as a checkpoint path (``via="disk"``).
+
+**Sessions** (in-process engine): a trajectory keeps one vLLM request, and its KV cache, across
+its tool calls (vLLM's resumable requests, the streaming-input sessions of its realtime API). A
+turn ends when the trigger is seen in the sampled ids: the request is told to stop after one more
+token (which makes vLLM compute the trigger token's KV; the extra token is dropped), and the next
+turn sends only the ids vLLM has not computed — the inserted tool output. Without a session each
+turn is a new request whose context the prefix cache covers in whole KV blocks only, so the last
+partial block and the output were prefilled again. ReTool's "KV cache kept across calls".
 """
 
 from __future__ import annotations
@@ -20,14 +28,32 @@ import os
 import shutil
 import tempfile
 from collections import deque
+from dataclasses import dataclass, field
 
 from tirl.rollout.engine import Generation, SamplingParams, StopCondition
+
+
+@dataclass
+class _Session:
+    """One trajectory's vLLM request, kept across its turns."""
+
+    key: object  # the caller's key for it (one per trajectory)
+    rid: str  # vLLM's request id
+    ext: str  # the id it was submitted under (vLLM's external id)
+    ctx: list[int]  # every id the request holds: its prompt so far + the ids sampled in this chunk
+    known: list[int] = field(default_factory=list)  # the ids whose KV vLLM computed, once the chunk ended
+    state: str = "run"  # run: sampling this turn | stop: turn done, one extra token to come | idle: chunk ended
+    ids: list[int] = field(default_factory=list)  # this turn's sampled ids
+    lps: list[float] = field(default_factory=list)
+    fut: asyncio.Future | None = None
+    stop: StopCondition | None = None
+    resume: tuple | None = None  # (chunk ids, params, future, stop) waiting for the chunk to end
 
 
 class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "bfloat16", memory_fraction: float = 0.2,
                  max_model_len: int = 4096, seed: int = 0, kv_cache_gb: int | None = None, in_process: bool = True,
-                 block_size: int | None = None):
+                 block_size: int | None = None, max_num_seqs: int | None = None, sessions: bool = True):
         # in-process: weight sync is a call with the tensors; otherwise vLLM's engine-core process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # start-up messages don't flood the console
@@ -48,6 +74,8 @@ class VLLMEngine:
             # 2 cores). 32 (the smallest size the CPU kernels prefer) made turns ~1.5x cheaper.
             block_size = 32
         kw = {"block_size": block_size} if block_size else {}
+        if max_num_seqs:  # requests decoded together; more wait in vLLM's queue and take a slot as one leaves
+            kw["max_num_seqs"] = max_num_seqs
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=memory_fraction, seed=seed,
                        max_model_len=max_model_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kw)
         self.tok = self.llm.get_tokenizer()
@@ -56,28 +84,63 @@ class VLLMEngine:
         self._pending: deque = deque()  # (request id, prompt ids, vLLM params, future) not yet added
         self._driver: asyncio.Task | None = None
         self._counter = itertools.count()
+        self._sched = _session_scheduler(self.llm.llm_engine) if in_process else None
+        self._use_sessions = sessions
+        self._sessions: dict[object, _Session] = {}  # the caller's key (one per trajectory) -> its session
+        self._by_rid: dict[str, _Session] = {}
 
-    def _params(self, params: SamplingParams, max_tokens: int, stop: StopCondition | None):
+    @property
+    def sessions(self) -> bool:
+        """Whether a trajectory keeps its KV cache across tool calls (see the module's doc).
+        On by default where this vLLM allows it; set False to make every turn a new request."""
+        return self._sched is not None and self._use_sessions
+
+    @sessions.setter
+    def sessions(self, on: bool) -> None:
+        if self._sessions:
+            raise RuntimeError("sessions are open: release them (end the rollout) before switching")
+        self._use_sessions = bool(on)
+
+    def _params(self, params: SamplingParams, max_tokens: int, stop: StopCondition | None, session: bool = False):
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
         greedy = params.temperature == 0
         return VSP(temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
                    top_k=0 if greedy or not params.top_k else params.top_k, max_tokens=max_tokens, logprobs=0,
-                   stop=list(stop.strings) if stop else None, include_stop_str_in_output=True,
-                   output_kind=RequestOutputKind.FINAL_ONLY)
+                   stop=list(stop.strings) if stop and not session else None, include_stop_str_in_output=True,
+                   output_kind=RequestOutputKind.DELTA if session else RequestOutputKind.FINAL_ONLY)
 
-    def generate(self, prompts, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None) -> list[Generation]:
-        """Batched and blocking: the same requests as :meth:`agenerate`, all submitted at once."""
+    def generate(self, prompts, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None,
+                 sessions: list | None = None) -> list[Generation]:
+        """Batched and blocking: the same requests as :meth:`agenerate`, all submitted at once.
+        ``sessions[i]`` keys row ``i``'s session (kept until :meth:`release`); None: no sessions."""
+        keys = sessions if sessions is not None else [None] * len(prompts)
+
         async def _all():
-            return await asyncio.gather(*(self.agenerate(p, n, params, stop) for p, n in zip(prompts, max_new_tokens)))
+            out = await asyncio.gather(*(self.agenerate(p, n, params, stop, k) for p, n, k in zip(prompts, max_new_tokens, keys)))
+            await self.drain()
+            return out
 
         return list(asyncio.run(_all()))
 
-    async def agenerate(self, prompt, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None) -> Generation:
+    async def drain(self) -> None:
+        """Wait until the driver has nothing left to step (before the event loop closes)."""
+        if self._driver is not None and not self._driver.done():
+            await self._driver
+
+    async def agenerate(self, prompt, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None,
+                        session: object | None = None) -> Generation:
         """One continuation, awaited; requests from many coroutines share the engine's running
-        batch (continuous batching). A stop string that is not yet a real trigger is continued
-        from the exact ids so far (prefix-cached)."""
+        batch (continuous batching). With a ``session`` key (one per trajectory) the request and
+        its KV cache stay in vLLM between calls until :meth:`release`; the next call's prompt must
+        extend the ids so far (otherwise a fresh request starts). Without one, a stop string that
+        is not yet a real trigger is continued from the exact ids so far (prefix-cached)."""
+        if session is not None and self.sessions:
+            fut = asyncio.get_running_loop().create_future()
+            self._session_turn(session, list(prompt), self._params(params, max_new_tokens, None, True), fut, stop)
+            self._ensure_driver()
+            return await fut
         ids: list[int] = []
         lps: list[float] = []
         while True:
@@ -94,16 +157,21 @@ class VLLMEngine:
     async def _submit(self, prompt_ids: list[int], sp):
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((f"r{next(self._counter)}", prompt_ids, sp, fut))
+        self._ensure_driver()
+        return await fut
+
+    def _ensure_driver(self) -> None:
         if self._driver is None or self._driver.done():
             self._driver = asyncio.create_task(self._drive())
-        return await fut
 
     async def _drive(self) -> None:
         """Steps the in-process engine while any request is in flight; new requests join between
         steps, so a trajectory back from the sandbox never waits for the others."""
         engine, waiting = self.llm.llm_engine, {}
         try:
-            while self._pending or waiting:
+            # A session whose turn is done but whose extra token is still to come needs no step of
+            # its own: the next step (of this or a later call) finishes it.
+            while self._pending or waiting or any(s.state == "run" or s.resume for s in self._by_rid.values()):
                 while self._pending:
                     rid, ids, sp, fut = self._pending.popleft()
                     engine.add_request(rid, {"prompt_token_ids": ids}, sp)
@@ -111,7 +179,7 @@ class VLLMEngine:
                 # The step runs on this (the event loop's) thread: vLLM bound its CPU threads to this
                 # one, and a step from a worker thread ran ~1.5x slower. Sandbox calls run in their
                 # own threads meanwhile; their results are picked up between steps.
-                for out in engine.step():
+                for out in self._step():
                     if out.finished and out.request_id in waiting:
                         waiting.pop(out.request_id).set_result(out)
                 await asyncio.sleep(0)  # let finished trajectories go on (and submit) before the next step
@@ -120,10 +188,123 @@ class VLLMEngine:
                 engine.abort_request(list(waiting))
             waiting.update({rid: fut for rid, _, _, fut in self._pending})
             self._pending.clear()
+            waiting.update({s.rid: s.fut for s in self._by_rid.values() if s.fut is not None})
+            self._drop_sessions()
             for fut in waiting.values():
                 if not fut.done():
                     fut.set_exception(e if isinstance(e, Exception) else RuntimeError("the vLLM driver was cancelled"))
             raise
+
+    def _step(self) -> list:
+        """One engine step (``LLMEngine.step``): session outputs are handled here, the rest go
+        through vLLM's output processor (detokenisation, stop strings) as usual."""
+        engine = self.llm.llm_engine
+        if not self._by_rid:
+            return engine.step()
+        outs = engine.engine_core.get_output()
+        mine = [o for o in outs.outputs if o.request_id in self._by_rid]
+        rest = [o for o in outs.outputs if o.request_id not in self._by_rid]
+        done = engine.output_processor.process_outputs(rest, engine_core_timestamp=outs.timestamp,
+                                                       weight_version=getattr(outs, "weight_version", None))
+        if done.reqs_to_abort:
+            engine.engine_core.abort_requests(done.reqs_to_abort)
+        for o in mine:
+            if o.request_id in self._by_rid:
+                self._on_output(self._by_rid[o.request_id], o)
+        return done.request_outputs
+
+    # --- sessions: one resumable vLLM request per trajectory --------------------------------
+
+    def _session_turn(self, key, prompt: list[int], sp, fut, stop) -> None:
+        s = self._sessions.get(key)
+        if s is None:
+            self._open(key, prompt, sp, fut, stop)
+        elif s.state == "idle":
+            self._continue(key, s, prompt, sp, fut, stop)
+        else:  # the last turn's extra token is still to come: go on once vLLM has ended that chunk
+            s.resume = (prompt, sp, fut, stop)
+
+    def _open(self, key, prompt: list[int], sp, fut, stop) -> None:
+        engine = self.llm.llm_engine
+        req = engine.input_processor.process_inputs(f"s{next(self._counter)}", {"prompt_token_ids": prompt}, sp,
+                                                    supported_tasks=engine.get_supported_tasks(), resumable=True)
+        engine.input_processor.assign_request_id(req)
+        s = _Session(key=key, rid=req.request_id, ext=req.external_req_id, ctx=list(prompt), fut=fut, stop=stop)
+        self._sessions[key], self._by_rid[s.rid] = s, s
+        engine.engine_core.add_request(req)
+
+    def _continue(self, key, s: _Session, prompt: list[int], sp, fut, stop) -> None:
+        """The next turn: send vLLM only the ids it has not computed (the inserted tool output)."""
+        n = len(s.known)
+        if len(prompt) <= n or prompt[:n] != s.known:  # not a continuation of what vLLM holds
+            self._release(key)
+            return self._open(key, prompt, sp, fut, stop)
+        engine = self.llm.llm_engine
+        req = engine.input_processor.process_inputs(s.rid, {"prompt_token_ids": prompt[n:]}, sp,
+                                                    supported_tasks=engine.get_supported_tasks(), resumable=True)
+        req.external_req_id = s.ext
+        s.ctx, s.state, s.ids, s.lps, s.fut, s.stop = list(prompt), "run", [], [], fut, stop
+        engine.engine_core.add_request(req)
+
+    def _on_output(self, s: _Session, o) -> None:
+        new = list(o.new_token_ids)
+        s.ctx += new
+        if s.state == "run":
+            lps = [float(x) for x in o.new_logprobs.logprobs[:, 0]] if o.new_logprobs is not None else [0.0] * len(new)
+            hit = False
+            for t, lp in zip(new, lps):
+                s.ids.append(t)
+                s.lps.append(lp)
+                if self._hit(s):
+                    hit = True
+                    break
+            if hit or o.finish_reason is not None:
+                reason = "tool" if hit else ("eos" if int(o.finish_reason) == 0 and o.stop_reason is None else "length")
+                s.fut.set_result(Generation(s.ids, s.lps, reason))
+                s.fut, s.state = None, "stop"
+                if o.finish_reason is None:  # one more token, so that vLLM computes the trigger's KV
+                    r = self._sched.requests[s.rid]
+                    r.max_tokens = r.num_output_tokens + 1
+        if o.finish_reason is not None:  # the chunk ended: vLLM keeps the ids whose KV it computed
+            r = self._sched.requests.get(s.rid)
+            s.known = s.ctx[: r.num_computed_tokens] if r is not None else []
+            s.state = "idle"
+            if s.resume is not None:
+                prompt, sp, fut, stop = s.resume
+                s.resume = None
+                self._continue(s.key, s, prompt, sp, fut, stop)
+
+    def _hit(self, s: _Session) -> bool:
+        """Whether this turn's text now holds the protocol's trigger (checked per sampled token;
+        the full decode only when the last few tokens hold one of its stop strings)."""
+        if s.stop is None:
+            return False
+        if s.stop.strings:
+            tail = self.tok.decode(s.ids[-(max(map(len, s.stop.strings)) + 1):])
+            if not any(x in tail for x in s.stop.strings):
+                return False
+        return s.stop.find(self.tok.decode(s.ids)) is not None
+
+    def release(self, key) -> None:
+        """End ``key``'s session: vLLM frees its request and KV blocks."""
+        self._release(key)
+
+    def _release(self, key) -> None:
+        s = self._sessions.pop(key, None)
+        if s is None:
+            return
+        self._by_rid.pop(s.rid, None)
+        self.llm.llm_engine.engine_core.abort_requests([s.rid])
+        for fut in (s.fut, s.resume[2] if s.resume else None):
+            if fut is not None and not fut.done():
+                fut.set_exception(RuntimeError("the session was released while a turn was pending"))
+
+    def _drop_sessions(self) -> None:
+        for key in list(self._sessions):
+            s = self._sessions[key]
+            s.fut = None
+            s.resume = None
+            self._release(key)
 
     def load_weights(self, model, via: str = "memory") -> None:
         """Copy the trainer's current weights into the engine (after every update).
@@ -148,6 +329,23 @@ class VLLMEngine:
         else:
             raise ValueError(f"unknown weight sync {via!r}; use 'memory' or 'disk'")
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+
+def _session_scheduler(llm_engine):
+    """vLLM's scheduler, when this vLLM can keep a request across turns here: an in-process engine
+    core (the driver sets a request's token budget between steps), synchronous scheduling (no step
+    runs ahead of the driver) and resumable requests (vLLM >= 0.32). None otherwise: every turn
+    is then a new request."""
+    import inspect
+
+    core = getattr(getattr(llm_engine, "engine_core", None), "engine_core", None)
+    sched = getattr(core, "scheduler", None)
+    cfg = llm_engine.vllm_config.scheduler_config
+    if sched is None or getattr(cfg, "async_scheduling", False) or not hasattr(sched, "_update_request_as_session"):
+        return None
+    if "resumable" not in inspect.signature(llm_engine.input_processor.process_inputs).parameters:
+        return None
+    return sched
 
 
 def _save_full_state(model, path: str) -> None:
