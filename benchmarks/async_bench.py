@@ -27,8 +27,14 @@ import zlib
 from tirl.rollout.protocol import ToolProtocol
 from tirl.types import ExecResult
 
-LINE = ToolProtocol(name="line", open_re=r"\A", close_re=r"\n", block_re=r"\A(.*?)\n",
-                    output_open="```output\n", output_close="\n```\n", stop_strings=("\n",))
+def line_protocol(k: int = 1) -> ToolProtocol:
+    """Every ``k`` lines the model ends are one tool call (the code: those lines)."""
+    return ToolProtocol(name=f"line{k}", open_re=r"\A", close_re=rf"\A(?:[^\n]*\n){{{k}}}",
+                        block_re=rf"\A((?:[^\n]*\n){{{k - 1}}}[^\n]*)\n", output_open="```output\n",
+                        output_close="\n```\n", stop_strings=("\n",))
+
+
+LINE = line_protocol(1)
 
 
 class DelaySandbox:
@@ -96,6 +102,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="trajectories")
     ap.add_argument("--calls", type=int, default=4, help="max tool calls per trajectory")
     ap.add_argument("--turn-tokens", type=int, default=64)
+    ap.add_argument("--lines-per-call", type=int, default=1, help="lines the model writes per tool call [1]")
     ap.add_argument("--max-seqs", type=int, default=None,
                     help="vLLM max_num_seqs: requests decoded at once, the rest queue (default: vLLM's, 256 on CPU)")
     args = ap.parse_args()
@@ -117,26 +124,29 @@ def main() -> None:
         engine = HFEngine(model, tok, batch_size=args.n)
     items = [(p, i, render_prompt(p, tok, "chat", "{problem}\nExplain your reasoning step by step, one short line per step.", ""))
              for i, p in enumerate(arithmetic_problems(args.n, seed=3))]
+    proto = line_protocol(args.lines_per_call)
     limits = RolloutLimits(max_tool_calls=args.calls, max_tokens_per_turn=args.turn_tokens,
                            max_response_tokens=args.turn_tokens * (args.calls + 1) + 64 * args.calls)
     greedy = SamplingParams(temperature=0.0)
     # Warm-up at full size: the first run of a batch shape pays vLLM's one-off costs (measured ~2.7 s
     # of a 14 s row at n=32), which would be charged to whichever schedule ran first.
-    warm, _ = rollout(engine, tok, DelaySandbox(0), items, greedy, limits, LINE, "async")
+    warm, _ = rollout(engine, tok, DelaySandbox(0), items, greedy, limits, proto, "async")
     _no_tools_seconds(engine, items, [sum(t.mask) for t in warm])
 
     def run(mode: str, median: float):
         sb = DelaySandbox(median, args.sigma)
         t0 = time.perf_counter()
-        trajs, times = rollout(engine, tok, sb, items, greedy, limits, LINE, mode)
+        trajs, times = rollout(engine, tok, sb, items, greedy, limits, proto, mode)
         return time.perf_counter() - t0, trajs, times, sb.total
 
     wall0, ref, _, _ = run("async", 0.0)
     counts = [sum(t.mask) for t in ref]
     floor = _no_tools_seconds(engine, items, counts)
     calls = sum(len(t.tool_calls) for t in ref)
+    inserted = sum(len(t.token_ids) - t.prompt_len - sum(t.mask) for t in ref)
     print(f"engine {args.engine}, {args.model} ({args.dtype}), greedy; {args.n} trajectories, {sum(counts)} sampled "
-          f"tokens, {calls} tool calls (<= {args.calls} each, <= {args.turn_tokens} tokens per turn); "
+          f"tokens, {calls} tool calls ({args.lines_per_call} line(s) each, <= {args.calls} per trajectory, <= "
+          f"{args.turn_tokens} tokens per turn), {inserted} inserted output tokens; "
           f"latency log-normal, sigma {args.sigma:g}; vLLM max_num_seqs {args.max_seqs or 'default'}")
     print("| tool latency (median) | schedule | wall s | exposed tool s | sum of tool latencies s | same tokens | vs no tools | lock-step / async |")
     print("|---|---|---|---|---|---|---|---|")

@@ -27,6 +27,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ class _Session:
     fut: asyncio.Future | None = None
     stop: StopCondition | None = None
     resume: tuple | None = None  # (chunk ids, params, future, stop) waiting for the chunk to end
+    since: float = 0.0  # when the chunk ended (the trajectory went to its tool call)
 
 
 class VLLMEngine:
@@ -176,6 +178,7 @@ class VLLMEngine:
                     rid, ids, sp, fut = self._pending.popleft()
                     engine.add_request(rid, {"prompt_token_ids": ids}, sp)
                     waiting[rid] = fut
+                self._yield_slots()
                 # The step runs on this (the event loop's) thread: vLLM bound its CPU threads to this
                 # one, and a step from a worker thread ran ~1.5x slower. Sandbox calls run in their
                 # own threads meanwhile; their results are picked up between steps.
@@ -236,7 +239,7 @@ class VLLMEngine:
     def _continue(self, key, s: _Session, prompt: list[int], sp, fut, stop) -> None:
         """The next turn: send vLLM only the ids it has not computed (the inserted tool output)."""
         n = len(s.known)
-        if len(prompt) <= n or prompt[:n] != s.known:  # not a continuation of what vLLM holds
+        if len(prompt) <= n or prompt[:n] != s.known or s.rid not in self._sched.requests:  # not a continuation
             self._release(key)
             return self._open(key, prompt, sp, fut, stop)
         engine = self.llm.llm_engine
@@ -258,9 +261,13 @@ class VLLMEngine:
                 if self._hit(s):
                     hit = True
                     break
+            if (hit or o.finish_reason is not None) and not s.fut.done():  # (done: the caller was cancelled)
+                if hit or int(o.finish_reason) in (0, 1):  # vLLM's FinishReason: STOP (EOS, a stop id), LENGTH
+                    reason = "tool" if hit else ("eos" if int(o.finish_reason) == 0 else "length")
+                    s.fut.set_result(Generation(s.ids, s.lps, reason))
+                else:
+                    s.fut.set_exception(RuntimeError(f"vLLM ended the request ({o.finish_reason!r}, {o.stop_reason!r})"))
             if hit or o.finish_reason is not None:
-                reason = "tool" if hit else ("eos" if int(o.finish_reason) == 0 and o.stop_reason is None else "length")
-                s.fut.set_result(Generation(s.ids, s.lps, reason))
                 s.fut, s.state = None, "stop"
                 if o.finish_reason is None:  # one more token, so that vLLM computes the trigger's KV
                     r = self._sched.requests[s.rid]
@@ -268,11 +275,27 @@ class VLLMEngine:
         if o.finish_reason is not None:  # the chunk ended: vLLM keeps the ids whose KV it computed
             r = self._sched.requests.get(s.rid)
             s.known = s.ctx[: r.num_computed_tokens] if r is not None else []
-            s.state = "idle"
+            s.state, s.since = "idle", time.monotonic()
             if s.resume is not None:
                 prompt, sp, fut, stop = s.resume
                 s.resume = None
                 self._continue(s.key, s, prompt, sp, fut, stop)
+
+    def _yield_slots(self) -> None:
+        """vLLM counts a session that waits for its tool call against ``max_num_seqs``. When new
+        requests wait for a slot, the sessions idle longest give theirs up: their trajectory's next
+        turn is then a new request (prefix-cached in whole blocks). Without this, a batch larger
+        than ``max_num_seqs`` would deadlock in lock-step (the first requests' sessions hold every
+        slot while the rest of the batch waits to be admitted)."""
+        sched = self._sched
+        if sched is None or not self._by_rid or not sched.waiting:
+            return
+        limit = getattr(sched, "max_num_active_reqs", sched.max_num_running_reqs)
+        want = len(sched.waiting) - (limit - len(sched.running) - sched.num_waiting_for_streaming_input)
+        if want > 0:
+            idle = sorted((s for s in self._by_rid.values() if s.state == "idle" and s.resume is None), key=lambda s: s.since)
+            for s in idle[:want]:
+                self._release(s.key)
 
     def _hit(self, s: _Session) -> bool:
         """Whether this turn's text now holds the protocol's trigger (checked per sampled token;
