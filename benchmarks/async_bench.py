@@ -40,8 +40,10 @@ LINE = line_protocol(1)
 class DelaySandbox:
     """Sleeps a latency determined by the code's text, then answers ``ok`` (nothing is run)."""
 
-    def __init__(self, median_s: float, sigma: float = 1.0, seed: int = 0):
+    def __init__(self, median_s: float, sigma: float = 1.0, seed: int = 0, workers: int | None = None):
         self.median, self.sigma, self.seed, self.total = median_s, sigma, seed, 0.0
+        self.workers = workers  # a service with this many workers: more calls at once queue (None: no limit)
+        self._sem = None
 
     def latency(self, code: str) -> float:
         if self.median <= 0:
@@ -58,15 +60,18 @@ class DelaySandbox:
     def run_many(self, codes, timeout=None):
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max(1, len(codes))) as ex:
+        with ThreadPoolExecutor(max(1, min(len(codes), self.workers or len(codes)))) as ex:
             return list(ex.map(self.run, codes))
 
     async def arun(self, code: str, timeout: float | None = None) -> ExecResult:
         import asyncio
 
-        d = self.latency(code)  # every call waits concurrently, as lock-step's run_many does
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.workers or 1 << 30)
+        d = self.latency(code)  # calls wait concurrently (up to ``workers``), as lock-step's run_many does
         self.total += d
-        await asyncio.sleep(d)
+        async with self._sem:
+            await asyncio.sleep(d)
         return ExecResult("ok\n", "", 0, duration_s=d)
 
     def close(self) -> None:
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=4, help="max tool calls per trajectory")
     ap.add_argument("--turn-tokens", type=int, default=64)
     ap.add_argument("--lines-per-call", type=int, default=1, help="lines the model writes per tool call [1]")
+    ap.add_argument("--sandbox-workers", type=int, default=None,
+                    help="calls the stand-in sandbox serves at once, the rest queue (default: no limit)")
     ap.add_argument("--max-seqs", type=int, default=None,
                     help="vLLM max_num_seqs: requests decoded at once, the rest queue (default: vLLM's, 256 on CPU)")
     args = ap.parse_args()
@@ -134,7 +141,7 @@ def main() -> None:
     _no_tools_seconds(engine, items, [sum(t.mask) for t in warm])
 
     def run(mode: str, median: float):
-        sb = DelaySandbox(median, args.sigma)
+        sb = DelaySandbox(median, args.sigma, workers=args.sandbox_workers)
         t0 = time.perf_counter()
         trajs, times = rollout(engine, tok, sb, items, greedy, limits, proto, mode)
         return time.perf_counter() - t0, trajs, times, sb.total
@@ -147,7 +154,7 @@ def main() -> None:
     print(f"engine {args.engine}, {args.model} ({args.dtype}), greedy; {args.n} trajectories, {sum(counts)} sampled "
           f"tokens, {calls} tool calls ({args.lines_per_call} line(s) each, <= {args.calls} per trajectory, <= "
           f"{args.turn_tokens} tokens per turn), {inserted} inserted output tokens; "
-          f"latency log-normal, sigma {args.sigma:g}; vLLM max_num_seqs {args.max_seqs or 'default'}")
+          f"latency log-normal, sigma {args.sigma:g}, sandbox workers {args.sandbox_workers or 'unlimited'}; vLLM max_num_seqs {args.max_seqs or 'default'}")
     print("| tool latency (median) | schedule | wall s | exposed tool s | sum of tool latencies s | same tokens | vs no tools | lock-step / async |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| - | no tools (same token counts) | {floor:.1f} | - | - | - | 1.00x | - |")

@@ -97,6 +97,33 @@ def test_sessions_keep_the_kv_cache_across_tool_calls(engines, mode):
     assert counted[0] <= positions + calls < counted[1]
 
 
+@pytest.mark.parametrize("mode", ["async", "lockstep"])
+def test_sessions_with_fewer_engine_slots_than_trajectories(engines, mode):
+    """vLLM counts a session that waits for its tool call against ``max_num_seqs``. With 6
+    trajectories and 2 slots (the scheduler's limit lowered in place, for this test) the rollout
+    still ends — sessions give their slot up to waiting requests; before that, lock-step
+    deadlocked — with the same tokens as with free slots."""
+    import faulthandler
+
+    v, _, model, tok = engines
+    items = [(p, i, render_prompt(p, tok, "chat", "{problem}\nExplain your reasoning step by step, one short line per step.", ""))
+             for i, p in enumerate(arithmetic_problems(6, seed=3))]
+    sched = v._sched
+    limits = (sched.max_num_running_reqs, sched.max_num_active_reqs)
+    faulthandler.dump_traceback_later(300, exit=True)  # a deadlock fails the run instead of hanging it
+    try:
+        with ZygotePool(lanes=2) as sb:
+            run = lambda: rollout(v, tok, sb, items, SamplingParams(temperature=0.0), RolloutLimits(3, 48, 320), LINE, mode)[0]
+            free = run()
+            sched.max_num_running_reqs = sched.max_num_active_reqs = 2
+            tight = run()
+    finally:
+        sched.max_num_running_reqs, sched.max_num_active_reqs = limits
+        faulthandler.cancel_dump_traceback_later()
+    assert [t.token_ids for t in tight] == [t.token_ids for t in free]
+    assert sum(len(t.tool_calls) for t in tight) >= len(items) and not sched.requests
+
+
 @pytest.mark.parametrize("via", ["memory", "disk"])
 def test_weights_sync_after_an_update(engines, via):
     """After the weights move, vLLM's log-probs of its own greedy continuation equal the trainer's,

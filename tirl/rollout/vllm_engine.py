@@ -192,6 +192,7 @@ class VLLMEngine:
             waiting.update({rid: fut for rid, _, _, fut in self._pending})
             self._pending.clear()
             waiting.update({s.rid: s.fut for s in self._by_rid.values() if s.fut is not None})
+            waiting.update({s.rid + "/next": s.resume[2] for s in self._by_rid.values() if s.resume})
             self._drop_sessions()
             for fut in waiting.values():
                 if not fut.done():
