@@ -224,7 +224,7 @@ class VLLMEngine:
         if s is None:
             self._open(key, prompt, sp, fut, stop)
         elif s.state == "idle":
-            self._continue(key, s, prompt, sp, fut, stop)
+            self._continue(s, prompt, sp, fut, stop)
         else:  # the last turn's extra token is still to come: go on once vLLM has ended that chunk
             s.resume = (prompt, sp, fut, stop)
 
@@ -237,12 +237,12 @@ class VLLMEngine:
         self._sessions[key], self._by_rid[s.rid] = s, s
         engine.engine_core.add_request(req)
 
-    def _continue(self, key, s: _Session, prompt: list[int], sp, fut, stop) -> None:
+    def _continue(self, s: _Session, prompt: list[int], sp, fut, stop) -> None:
         """The next turn: send vLLM only the ids it has not computed (the inserted tool output)."""
         n = len(s.known)
         if len(prompt) <= n or prompt[:n] != s.known or s.rid not in self._sched.requests:  # not a continuation
-            self._release(key)
-            return self._open(key, prompt, sp, fut, stop)
+            self.release(s.key)
+            return self._open(s.key, prompt, sp, fut, stop)
         engine = self.llm.llm_engine
         req = engine.input_processor.process_inputs(s.rid, {"prompt_token_ids": prompt[n:]}, sp,
                                                     supported_tasks=engine.get_supported_tasks(), resumable=True)
@@ -262,13 +262,13 @@ class VLLMEngine:
                 if self._hit(s):
                     hit = True
                     break
-            if (hit or o.finish_reason is not None) and not s.fut.done():  # (done: the caller was cancelled)
-                if hit or int(o.finish_reason) in (0, 1):  # vLLM's FinishReason: STOP (EOS, a stop id), LENGTH
-                    reason = "tool" if hit else ("eos" if int(o.finish_reason) == 0 else "length")
-                    s.fut.set_result(Generation(s.ids, s.lps, reason))
-                else:
-                    s.fut.set_exception(RuntimeError(f"vLLM ended the request ({o.finish_reason!r}, {o.stop_reason!r})"))
             if hit or o.finish_reason is not None:
+                if s.fut.done():  # the caller was cancelled
+                    pass
+                elif hit:
+                    s.fut.set_result(Generation(s.ids, s.lps, "tool"))
+                else:
+                    _end_turn(s, o)
                 s.fut, s.state = None, "stop"
                 if o.finish_reason is None:  # one more token, so that vLLM computes the trigger's KV
                     r = self._sched.requests[s.rid]
@@ -280,7 +280,7 @@ class VLLMEngine:
             if s.resume is not None:
                 prompt, sp, fut, stop = s.resume
                 s.resume = None
-                self._continue(s.key, s, prompt, sp, fut, stop)
+                self._continue(s, prompt, sp, fut, stop)
 
     def _yield_slots(self) -> None:
         """vLLM counts a session that waits for its tool call against ``max_num_seqs``. When new
@@ -296,7 +296,7 @@ class VLLMEngine:
         if want > 0:
             idle = sorted((s for s in self._by_rid.values() if s.state == "idle" and s.resume is None), key=lambda s: s.since)
             for s in idle[:want]:
-                self._release(s.key)
+                self.release(s.key)
 
     def _hit(self, s: _Session) -> bool:
         """Whether this turn's text now holds the protocol's trigger (checked per sampled token;
@@ -311,9 +311,6 @@ class VLLMEngine:
 
     def release(self, key) -> None:
         """End ``key``'s session: vLLM frees its request and KV blocks."""
-        self._release(key)
-
-    def _release(self, key) -> None:
         s = self._sessions.pop(key, None)
         if s is None:
             return
@@ -328,7 +325,7 @@ class VLLMEngine:
             s = self._sessions[key]
             s.fut = None
             s.resume = None
-            self._release(key)
+            self.release(key)
 
     def load_weights(self, model, via: str = "memory") -> None:
         """Copy the trainer's current weights into the engine (after every update).
@@ -353,6 +350,15 @@ class VLLMEngine:
         else:
             raise ValueError(f"unknown weight sync {via!r}; use 'memory' or 'disk'")
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+
+def _end_turn(s: _Session, o) -> None:
+    """A turn vLLM ended itself: STOP (EOS or a stop id) or LENGTH; anything else is an error."""
+    reason = {0: "eos", 1: "length"}.get(int(o.finish_reason))  # vLLM's FinishReason
+    if reason is None:
+        s.fut.set_exception(RuntimeError(f"vLLM ended the request ({o.finish_reason!r}, {o.stop_reason!r})"))
+    else:
+        s.fut.set_result(Generation(s.ids, s.lps, reason))
 
 
 def _session_scheduler(llm_engine):
