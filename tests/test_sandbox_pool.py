@@ -88,6 +88,25 @@ def test_process_isolation_fallback_says_so(capsys):
         p.close()
 
 
+def test_memory_cgroups_follow_the_lanes():
+    """Each lane lives in a memory cgroup of its own (where root and a writable hierarchy allow),
+    restarted lanes go back into theirs, and closing the pool removes them."""
+    p = ZygotePool(lanes=2)
+    try:
+        if not p.level.memory_cap:
+            pytest.skip("no memory cgroup here: " + "; ".join(p.level.missing))
+        caps = [lane.cap for lane in p._lanes]
+        procs = lambda cap: (cap.path / "cgroup.procs").read_text().split()  # noqa: E731
+        assert all(str(lane.proc.pid) in procs(lane.cap) for lane in p._lanes)
+        os.killpg(p._lanes[0].proc.pid, 9)
+        p._lanes[0].proc.wait()
+        assert p.run("print(1)").stdout == "1\n" and p.run("print(2)").stdout == "2\n"
+        assert str(p._lanes[0].proc.pid) in procs(caps[0])
+    finally:
+        p.close()
+    assert not any(cap.path.exists() for cap in caps)
+
+
 def test_unknown_isolation_is_rejected():
     with pytest.raises(ValueError, match="isolation"):
         ZygotePool(isolation="docker")

@@ -123,6 +123,60 @@ def test_work_dir_is_fresh_every_time(pool, contained):
     assert pool.run("import os; print(os.listdir('.'))").stdout.strip() == "[]"
 
 
+_LEAVE_BEHIND = {
+    "a file in /tmp": "open('/tmp/leak', 'w').write('secret')",
+    "a tree with modes that forbid listing and writing": (
+        "import os\nos.makedirs('/tmp/a/b/c')\nopen('/tmp/a/b/c/f', 'w').write('x')\n"
+        "os.chmod('/tmp/a/b/c', 0)\nos.chmod('/tmp/a/b', 0o100)\nos.chmod('/tmp/a', 0o500)\nos.chmod('.', 0)"),
+    "a tree deeper than any path can name": (
+        "import os\nos.chdir('/tmp')\nfor _ in range(3000):\n    os.mkdir('d' * 20)\n    os.chdir('d' * 20)\n"
+        "open('f', 'w').write('x')"),
+    "the work root renamed and replaced by a symlink": (
+        "import os\nos.rename('/tmp/sbx', '/tmp/moved')\nos.symlink('/usr', '/tmp/sbx')"),
+    "/tmp locked": "import os\nos.chmod('/tmp/sbx', 0)\nos.chmod('/tmp', 0o500)",
+}
+
+
+@needs_bwrap
+@pytest.mark.parametrize("what", list(_LEAVE_BEHIND))
+def test_nothing_written_survives_into_the_next_request(pool, contained, what):
+    """Requests of different trajectories share a lane: whatever one leaves anywhere it can write
+    (its private /tmp) is gone before the next one starts, whatever it did to the modes."""
+    _run(pool, _LEAVE_BEHIND[what])
+    for _ in pool.pids():  # sequential requests take the lanes in turn: the probe reaches the one used
+        r = _run(pool, "import os\nprint(sorted(os.listdir('/tmp')), os.listdir('.'), os.getcwd())\n"
+                       "open('probe', 'w').write('x'); print(open('probe').read())")
+        assert r.stdout.split("\n")[:2] == ["['sbx'] [] /tmp/sbx/work", "x"], r
+
+
+@pytest.mark.parametrize("code", [
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.shmget(0x7157, 1 << 20, 0o1666), ctypes.get_errno())",
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.semget(0x7157, 1, 0o1666), ctypes.get_errno())",
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.msgget(0x7157, 0o1666), ctypes.get_errno())",
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.syscall(240, b'/q', 0o102, 0o600, None), ctypes.get_errno())",
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.syscall(319, b'x', 0), ctypes.get_errno())",
+])
+def test_no_state_outside_the_process_or_uncounted_memory(pool, contained, code):
+    """SysV IPC and POSIX message queues outlive the process (the next request would find them);
+    SysV shm and memfd hold memory no rlimit counts: shmget, semget, msgget, mq_open, memfd_create."""
+    if not pool.level.seccomp:
+        pytest.skip("needs seccomp")
+    assert _run(pool, code).stdout.strip() == "-1 1"  # EPERM
+
+
+def test_forked_memory_bomb_is_capped_in_total(pool, contained):
+    """RLIMIT_AS is per process: five children of 300 MB each would hold 1.5 GB. The lane's
+    memory cgroup (512 MB for the request + the zygote's share) kills the excess, children first."""
+    if not pool.level.memory_cap:
+        pytest.skip("no memory cgroup here: " + "; ".join(pool.level.missing))
+    code = ("import os, time\npids = []\nfor _ in range(5):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        b = b'x' * (300 << 20)\n        time.sleep(3)\n        os._exit(0)\n    pids.append(pid)\n"
+            "time.sleep(2)\nprint(sum(os.waitpid(p, os.WNOHANG) == (0, 0) for p in pids))")
+    r = pool.run(code, timeout=8)
+    assert r.ok and int(r.stdout) <= 2, r
+    assert "killed by the sandbox's memory cap" in r.stderr
+
+
 @needs_bwrap
 @pytest.mark.parametrize("path", ["/etc/passwd", "/etc/shadow", "/root", "/home", os.getcwd(), "/proc/1/environ"])
 def test_host_files_are_not_there(pool, contained, path):

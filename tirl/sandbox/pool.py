@@ -13,12 +13,15 @@ once, what is missing; ``pool.level`` tells what is in use):
   size-capped /tmp, a clean environment for bwrap itself and inside, ``--disable-userns``;
 * **dedicated uid** (when started as root): bwrap and the zygote run as ``uid`` (not root), so
   ``RLIMIT_NPROC`` works (it is ignored for uid 0) and the code owns no host files;
-* in every mode: per-child rlimits (address space, CPU, file size, open files, core; processes
-  with a dedicated uid), a seccomp filter (no ptrace, process_vm_*, mount/unshare/setns, bpf,
-  io_uring, namespaces via clone, sockets other than AF_UNIX, and no kill/tkill/tgkill aimed at
-  the zygote, its parent, pid 1 or -1), a non-dumpable zygote (its /proc/pid/mem is closed to
-  the child), a wall-clock SIGKILL, output capped while reading, and every descendant killed and
-  reaped after each request.
+* **a memory cgroup per lane** (when started as root with a writable cgroup hierarchy, see
+  ``cgroup.py``): a request's processes together stay under its memory limit;
+* in every mode: per-child rlimits (address space, CPU, file size, open files, core, message
+  queues; processes with a dedicated uid), a seccomp filter (no ptrace, process_vm_*,
+  mount/unshare/setns, bpf, io_uring, namespaces via clone, sockets other than AF_UNIX, SysV IPC,
+  POSIX message queues, memfd, and no kill/tkill/tgkill aimed at the zygote, its parent, pid 1 or
+  -1), a non-dumpable zygote (its /proc/pid/mem is closed to the child), a wall-clock SIGKILL,
+  output capped while reading, every descendant killed and reaped and the work directory (with
+  bubblewrap: the whole private /tmp) emptied after each request.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tirl.sandbox.cgroup import MemoryCap
 from tirl.types import ExecResult
 
 ZYGOTE_SOURCE = (Path(__file__).parent / "zygote.py").read_text()
@@ -54,10 +58,11 @@ class IsolationLevel:
     dedicated_uid: int | None
     seccomp: bool
     python: str
+    memory_cap: bool = False
 
     @property
     def full(self) -> bool:
-        return self.bwrap and self.dedicated_uid is not None and self.seccomp
+        return self.bwrap and self.dedicated_uid is not None and self.seccomp and self.memory_cap
 
     @property
     def missing(self) -> list[str]:
@@ -68,11 +73,14 @@ class IsolationLevel:
             out.append("a dedicated non-root uid (needs root to switch; without it RLIMIT_NPROC is not set)")
         if not self.seccomp:
             out.append("seccomp (libseccomp not loadable)")
+        if not self.memory_cap:
+            out.append("a memory cgroup per lane (needs root and a writable cgroup hierarchy; without it code "
+                       "that forks may use nproc x memory_mb in total)")
         return out
 
     def describe(self) -> str:
         parts = ["bwrap" if self.bwrap else "no-bwrap", f"uid={self.dedicated_uid}" if self.dedicated_uid is not None else "same-uid",
-                 "seccomp" if self.seccomp else "no-seccomp", "rlimits"]
+                 "seccomp" if self.seccomp else "no-seccomp", "memcg" if self.memory_cap else "no-memcg", "rlimits"]
         return ("full" if self.full else "partial") + ": " + "+".join(parts)
 
 
@@ -122,16 +130,30 @@ class SandboxStartError(RuntimeError):
 
 
 class _Lane:
-    def __init__(self, argv: list[str], env: dict[str, str], user: int | None, cwd: str | None):
-        self.argv, self.env, self.user, self.cwd = argv, env, user, cwd
+    def __init__(self, argv: list[str], env: dict[str, str], user: int | None, cwd: str | None,
+                 cap: MemoryCap | None = None):
+        self.argv, self.env, self.user, self.cwd, self.cap = argv, env, user, cwd, cap
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
+        self.oom_kills = 0  # the cap's count when last looked at
 
     def spawn(self) -> None:
         self.log = tempfile.TemporaryFile()
-        kw = {"user": self.user, "group": self.user, "extra_groups": []} if self.user is not None else {}
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+        argv, kw = self.argv, {}
+        if self.cap is not None:  # joins the cgroup as root, then drops to the uid itself
+            argv = self.cap.enter_argv(argv, self.user)
+        elif self.user is not None:
+            kw = {"user": self.user, "group": self.user, "extra_groups": []}
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      env=self.env, cwd=self.cwd, start_new_session=True, **kw)
+
+    def oom_note(self) -> str:
+        """A line for stderr if the kernel killed processes of this lane for memory since last asked."""
+        if self.cap is None or (n := self.cap.oom_kills()) == self.oom_kills:
+            return ""
+        self.oom_kills = n
+        return (f"\nMemoryError: killed by the sandbox's memory cap (the request's processes together may "
+                f"use {self.cap.mb} MB)\n")
 
     def wait_ready(self, timeout: float) -> None:
         info = self._read_frame(time.monotonic() + timeout)
@@ -223,7 +245,7 @@ class ZygotePool:
             self._start_lanes(lanes, False, tmp_mb)
         info = self._lanes[0].info
         self.level = IsolationLevel(bwrap=self._bwrap, dedicated_uid=self.uid, seccomp=bool(info.get("seccomp")),
-                                    python=self.python)
+                                    python=self.python, memory_cap=all(lane.cap is not None for lane in self._lanes))
         if "warm_up_error" in info.get("versions", {}):
             self._announce("warm-up", f"numpy/sympy cannot be imported inside the sandbox ({self.python}): "
                            f"{info['versions']['warm_up_error'][-300:]}")
@@ -245,24 +267,31 @@ class ZygotePool:
     def _start_lanes(self, n: int, bwrap: bool, tmp_mb: int) -> None:
         for lane in self._lanes:
             lane.kill()
+        self._remove_caps()
         self._bwrap, self._lanes = bwrap, []
         env = {"PATH": "/usr/bin:/bin"}  # bwrap's own environment: nothing of ours (no secrets in /proc/1/environ)
         if bwrap:
-            argv, cwd = [*_bwrap_args(self.python, tmp_mb), self.python, "-I", "-c", ZYGOTE_SOURCE, "/tmp/sbx", ""], None
+            argv, cwd = [*_bwrap_args(self.python, tmp_mb), self.python, "-I", "-c", ZYGOTE_SOURCE, "/tmp/sbx", "", "/tmp"], None
         else:
             self._workroot = tempfile.mkdtemp(prefix="tirl-zygote-")
             if self.uid is not None:
                 os.chown(self._workroot, self.uid, self.uid)
             env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HOME": self._workroot, "MPLBACKEND": "Agg"})
             argv, cwd = [self.python, "-I", "-c", ZYGOTE_SOURCE, self._workroot, ""], self._workroot
-        lanes = [_Lane(argv, env, self.uid, cwd) for _ in range(n)]
+        lanes = [_Lane(argv, env, self.uid, cwd, MemoryCap.create(self.memory_mb)) for _ in range(n)]
         self._lanes = lanes
         try:
             self._launcher.submit(self._spawn_and_wait, lanes).result()
         except SandboxStartError:
             for lane in lanes:
                 lane.kill()
+            self._remove_caps()
             raise
+
+    def _remove_caps(self) -> None:
+        for lane in self._lanes:
+            if lane.cap is not None:
+                lane.cap.remove()
 
     def _spawn_and_wait(self, lanes: list[_Lane]) -> None:
         """Runs on the launcher thread only. bwrap's --die-with-parent is PR_SET_PDEATHSIG, which
@@ -287,10 +316,13 @@ class ZygotePool:
             self.stats["requests"] += 1
             if not lane.alive():
                 self._restart(lane)
+            if lane.cap is not None:
+                lane.cap.set_mb(payload["memory_mb"])
             resp = lane.request(payload, time.monotonic() + timeout + _GRACE_S)
             if resp is None:  # died or hung: replace it; the request fails, the caller goes on
                 self._restart(lane)
                 return ExecResult("", "", None, timed_out=True, error="the sandbox process died or stopped answering; it was replaced")
+            resp["stderr"] += lane.oom_note()
         finally:
             self._free.put(lane)
         if resp["timed_out"]:
@@ -321,6 +353,7 @@ class ZygotePool:
         self._executor.shutdown(wait=False, cancel_futures=True)
         for lane in self._lanes:
             lane.kill()
+        self._remove_caps()
         self._launcher.shutdown(wait=False)
         if self._workroot:
             shutil.rmtree(self._workroot, ignore_errors=True)

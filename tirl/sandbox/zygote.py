@@ -1,8 +1,9 @@
 """The zygote: a warm interpreter that forks one child per request. Runs INSIDE the sandbox.
 
 Standalone on purpose (stdlib + numpy/sympy only, no tirl imports): the pool starts it as
-``python3 -I -c <this file's source> ARGS`` inside bubblewrap, as a dedicated uid, where the
-tirl package is not visible.
+``python3 -I -c <this file's source> WORKROOT PROTECTED_PIDS [SCRATCH]`` inside bubblewrap, as a
+dedicated uid, where the tirl package is not visible (SCRATCH: bubblewrap's private /tmp, wiped
+after every request).
 
 Protocol on stdin/stdout: frames of a 4-byte big-endian length + UTF-8 JSON. The zygote first
 writes ``{"ready": true, ...}``; then, for every request
@@ -14,12 +15,13 @@ file and two pipes, closes every other fd, sets rlimits, loads the seccomp filte
 code. The zygote reads both pipes with a cap, stops at the child's exit (seen through a pidfd,
 not pipe EOF: a daemonised grandchild may hold the pipes) or at the deadline, then SIGKILLs
 every remaining descendant (it is a child subreaper, so orphans are re-parented to it), reaps
-them, and empties the work directory.
+them, and empties the work directory (and the private /tmp: nothing outlives a request).
 """
 
 import ctypes
 import ctypes.util
 import io
+import itertools
 import json
 import os
 import resource
@@ -43,6 +45,11 @@ BLOCKED_SYSCALLS = (
     "process_madvise", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "fanotify_init", "open_by_handle_at",
     "name_to_handle_at", "move_mount", "open_tree", "fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr",
     "quotactl", "acct", "settimeofday", "clock_settime", "adjtimex", "syslog", "vhangup", "iopl", "ioperm",
+    # state that outlives the process (SysV IPC, POSIX message queues: the next request would see
+    # it) or memory that no rlimit counts (SysV shm, memfd): blocked
+    "shmget", "shmat", "shmdt", "shmctl", "semget", "semop", "semtimedop", "semctl", "msgget", "msgsnd",
+    "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify",
+    "mq_getsetattr", "memfd_create", "memfd_secret",
 )
 CLONE_NS_FLAGS = (0x10000000, 0x00020000, 0x40000000, 0x20000000, 0x08000000, 0x04000000, 0x02000000)
 # NEWUSER, NEWNS, NEWNET, NEWPID, NEWIPC, NEWUTS, NEWCGROUP
@@ -132,6 +139,7 @@ def install_seccomp(seccomp):
 
 
 PROTO_IN, PROTO_OUT = 0, 1  # replaced in main() by private copies
+SCRATCH = ""  # a private /tmp (bubblewrap's) that is wiped after every request; "" outside bwrap
 STATUS_FD = 3  # in the child: where it reports its exit status just before exiting
 
 
@@ -222,11 +230,19 @@ def child(req, out_w, err_w, status_w, stdin_path, workdir, seccomp):
     mem = int(req["memory_mb"]) * 1024 * 1024
     cpu = int(req["timeout"]) + 1
     limits = [(resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, 16 << 20),
-              (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+              (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_MSGQUEUE, 0)]
     if req.get("nproc"):
         limits.append((resource.RLIMIT_NPROC, int(req["nproc"])))
     for what, value in limits:
         resource.setrlimit(what, (value, value))
+    try:  # if the lane's memory cgroup fills up, the request's processes are killed before the zygote
+        _prctl(PR_SET_DUMPABLE, 1, None, 0, 0)  # (a non-dumpable process cannot open its own /proc files)
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    finally:
+        _prctl(PR_SET_DUMPABLE, 0, None, 0, 0)
     os.chdir(workdir)
     if seccomp is not None and not install_seccomp(seccomp):
         os.write(2, b"SandboxError: could not install the seccomp filter\n")
@@ -279,6 +295,7 @@ class _Run:
 
     def __init__(self, req, workroot, seccomp):
         self.req, self.workroot, self.max_out = req, workroot, int(req["max_output"])
+        self.scratch = SCRATCH
         workdir, stdin_path = _prepare(req, workroot)
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
@@ -363,7 +380,7 @@ class _Run:
         kill_descendants()  # grandchildren, daemons, orphans re-parented to us
         for fd in (self.out_r, self.err_r, self.st_r, self.pidfd):
             _quietly(lambda fd=fd: os.close(fd))
-        _clean(self.workroot)
+        _clean(self.workroot, self.scratch)
 
 
 def _quietly(action):
@@ -381,14 +398,47 @@ def serve_one(req, workroot, seccomp):
     return run.response(), run.finish
 
 
-def _clean(workroot):
-    for name in os.listdir(workroot):
-        path = os.path.join(workroot, name)
+def _clean(workroot, scratch=""):
+    """Empty the work root and, where the sandbox has a private scratch /tmp, everything else in
+    it: nothing a request writes survives into the next one."""
+    if scratch:
+        _quietly(lambda: os.chmod(scratch, 0o700))  # the code runs as our uid: it may change any mode
+        for name in os.listdir(scratch):
+            path = os.path.join(scratch, name)
+            if path != workroot or os.path.islink(path) or not os.path.isdir(path):
+                _remove(path, scratch)
+    if os.path.isdir(workroot):
+        _quietly(lambda: os.chmod(workroot, 0o700))
+        for name in os.listdir(workroot):
+            _remove(os.path.join(workroot, name), workroot)
+
+
+_removed = itertools.count()
+
+
+def _remove(path, top):
+    """Remove a file or a tree whatever the code did to it: modes that forbid listing or writing,
+    nesting deeper than any path can name. Subdirectories are first moved up to ``top``, so no
+    path grows long and no recursion or fd count grows with depth."""
+    todo = [path]
+    while todo:
+        p = todo.pop()
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
+            if os.path.islink(p) or not os.path.isdir(p):
+                os.unlink(p)
+                continue
+            os.chmod(p, 0o700)
+            with os.scandir(p) as it:
+                entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
+            for q, is_dir in entries:
+                if is_dir:
+                    flat = os.path.join(top, f".tirl-rm-{next(_removed)}")
+                    os.chmod(q, 0o700)  # moving a directory to a new parent rewrites its ".."
+                    os.rename(q, flat)
+                    todo.append(flat)
+                else:
+                    os.unlink(q)
+            os.rmdir(p)
         except OSError:
             pass
 
@@ -457,6 +507,8 @@ def main():
     os.dup2(2, 1)
     workroot = sys.argv[1]
     protected = [int(p) for p in sys.argv[2].split(",") if p] if len(sys.argv) > 2 else []
+    global SCRATCH
+    SCRATCH = sys.argv[3] if len(sys.argv) > 3 else ""
     os.makedirs(workroot, exist_ok=True)
     os.chdir(workroot)
     _prctl(PR_SET_DUMPABLE, 0, None, 0, 0)
