@@ -43,6 +43,18 @@ def _sandbox_procs(pool) -> set[int]:
     return out
 
 
+def _describe(pids: set[int]) -> list[str]:
+    out = []
+    for p in sorted(pids):
+        try:
+            stat = open(f"/proc/{p}/stat", "rb").read()
+            cmd = open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ")[:80]
+            out.append(f"{p} state {stat[stat.rindex(b')') + 2:].split()[0].decode()} {cmd.decode(errors='replace')}")
+        except OSError:
+            out.append(f"{p} (gone)")
+    return out
+
+
 @pytest.fixture
 def contained(pool):
     """Around each attack: only the pool's own processes remain (a zygote reaps a request's
@@ -52,7 +64,8 @@ def contained(pool):
     deadline = time.monotonic() + 3
     while _sandbox_procs(pool) != before_pids and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _sandbox_procs(pool) == before_pids, "processes left behind or zygotes replaced"
+    now = _sandbox_procs(pool)
+    assert now == before_pids, f"processes left behind or zygotes replaced: {_describe(now ^ before_pids)}"
     assert pool.stats["restarts"] == before_stats["restarts"]
     assert pool.run("print(6 * 7)").stdout.strip() == "42"
 

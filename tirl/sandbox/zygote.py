@@ -195,7 +195,8 @@ def kill_descendants():
     except ChildProcessError:
         return
     me = os.getpid()
-    for _ in range(100):
+    give_up = time.monotonic() + 2.0  # a process with a large heap can take a while to die on a loaded machine
+    while time.monotonic() < give_up:
         pids = _descendants(me)
         if not pids:
             break
