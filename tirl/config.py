@@ -30,6 +30,10 @@ class ModelConfig(_Strict):
     cache_dir: str | None = None
     """Where embedded models are converted to; default ``$TIRL_CACHE_DIR`` or ``~/.cache/tirl``."""
     gradient_checkpointing: bool = False
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """Where the policy (and reference, critic) train and the Hugging Face engine generates:
+    ``auto`` (the first CUDA GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    vLLM places itself (``rollout.vllm_*``)."""
 
 
 class DataConfig(_Strict):

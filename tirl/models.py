@@ -108,10 +108,26 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     return name  # a hub id
 
 
-def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None):
-    """Load ``(model, tokenizer)``; errors name the model and what to do."""
+def resolve_device(device: str = "auto") -> str:
+    """``auto``: the first CUDA GPU when there is one, else the CPU; ``cuda[:N]`` must exist."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise TirlError(f"model.device = {device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                            "device(s). Fix: model.device=auto (a GPU when there is one) or model.device=cpu.")
+    return device
+
+
+def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None, device: str = "cpu"):
+    """Load ``(model, tokenizer)`` onto ``device`` (``auto``: a GPU if there is one); errors name
+    the model and what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
     where = resolve_model_path(name, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
@@ -128,4 +144,4 @@ def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None):
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model.to(device), tokenizer

@@ -30,7 +30,7 @@ import torch
 from tirl.config import Config
 from tirl.rollout.protocol import ToolProtocol, get_protocol
 from tirl.types import TirlError
-from tirl.update.step import pad_tokens
+from tirl.update.step import device_of, pad_tokens
 
 
 @dataclass
@@ -169,7 +169,7 @@ def sft_step(model, optimizer, batch: list[SFTExample], micro: int, pad_id: int,
     optimizer.zero_grad(set_to_none=True)
     for c in range(0, len(batch), micro):
         part = batch[c : c + micro]
-        ids, attn, mask = pad_tokens([e.token_ids for e in part], [e.mask for e in part], pad_id)
+        ids, attn, mask = pad_tokens([e.token_ids for e in part], [e.mask for e in part], pad_id, device_of(model))
         loss = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, mask, n_tok)
         loss.backward()
         total += float(loss.detach())
@@ -189,7 +189,7 @@ def run_sft(cfg: Config, progress: bool = True, model=None, tok=None) -> tuple[A
     if not s.data:
         raise TirlError("sft.data is not set: pass sft.data=traces.jsonl")
     if model is None:
-        model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir)
+        model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device)
     protocol = get_protocol(cfg.rollout.protocol, tok)
     if s.data.startswith("synthetic:"):
         examples = examples_from_rows(list(enumerate(synthetic_traces(cfg), 1)), tok, protocol, s.max_len, s.data)

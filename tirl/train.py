@@ -98,7 +98,7 @@ class Trainer:
         self.sampler = ProblemSampler(build_problems(
             d.source, problem_field=d.problem_field, answer_field=d.answer_field, id_field=d.id_field,
             limit=d.limit, num_synthetic=d.num_synthetic, difficulty=d.difficulty, seed=d.seed), seed=cfg.train.seed)
-        self.model, self.tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir)
+        self.model, self.tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.sft_log: list[dict[str, float]] = []

@@ -388,7 +388,7 @@ def _save_full_state(model, path: str) -> None:
 
     state, seen = {}, set()
     for k, v in model.state_dict().items():
-        t = v.detach().contiguous()
+        t = v.detach().contiguous().cpu()  # (a no-op on CPU, where tied tensors keep one storage)
         key = (t.data_ptr(), t.numel(), t.dtype)
         state[k] = t.clone() if key in seen else t  # safetensors refuses shared storage
         seen.add(key)

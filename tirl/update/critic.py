@@ -14,7 +14,7 @@ from torch import nn
 
 from tirl.loss import AGGREGATIONS, Normaliser, value_loss
 from tirl.types import Trajectory
-from tirl.update.step import _pad, pad_tokens
+from tirl.update.step import _pad, device_of, pad_tokens
 
 
 class ValueModel(nn.Module):
@@ -25,7 +25,7 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.body.float()
-        self.head.float()
+        self.head.float().to(device_of(policy))
 
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
         h = self.body(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
@@ -33,8 +33,8 @@ class ValueModel(nn.Module):
         return torch.nn.functional.pad(v, (1, 0), value=0.0)  # [B, T], column 0 = 0
 
 
-def _batch(trajs: list[Trajectory], pad_id: int):
-    return pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id)
+def _batch(trajs: list[Trajectory], pad_id: int, device):
+    return pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id, device)
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def critic_values(critic: ValueModel, trajs: list[Trajectory], size: int, pad_id
     out: list[list[float]] = []
     for c in range(0, len(trajs), size):
         part = trajs[c : c + size]
-        ids, attn, _ = _batch(part, pad_id)
+        ids, attn, _ = _batch(part, pad_id, device_of(critic))
         v = critic(ids, attn)
         out += [v[i, : len(t.token_ids)].tolist() for i, t in enumerate(part)]
     return out
@@ -58,9 +58,10 @@ def critic_update(critic: ValueModel, optimizer, trajs: list[Trajectory], return
     total = clipped = 0.0
     for c in range(0, len(trajs), micro):
         part = trajs[c : c + micro]
-        ids, attn, mask = _batch(part, pad_id)
+        dev = device_of(critic)
+        ids, attn, mask = _batch(part, pad_id, dev)
         width = ids.shape[1]
-        ret, old = _pad(returns[c : c + micro], width, torch.float), _pad(old_values[c : c + micro], width, torch.float)
+        ret, old = _pad(returns[c : c + micro], width, torch.float, dev), _pad(old_values[c : c + micro], width, torch.float, dev)
         loss_BT, frac = value_loss(critic(ids, attn), old, ret, clip)
         loss = AGGREGATIONS["token-mean"](loss_BT, mask, norm)
         loss.backward()

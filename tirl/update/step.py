@@ -25,31 +25,38 @@ class MicroBatch:
     ref_logprobs: torch.Tensor | None = None  # [B, T]
 
 
-def _pad(rows: list[list[float]] | list[list[int]], width: int, dtype) -> torch.Tensor:
+def device_of(module) -> torch.device:
+    """Where a model's weights live: its batches are built there."""
+    return next(module.parameters()).device
+
+
+def _pad(rows: list[list[float]] | list[list[int]], width: int, dtype, device=None) -> torch.Tensor:
     out = torch.zeros((len(rows), width), dtype=dtype)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=dtype)
-    return out
+    return out if device is None else out.to(device)
 
 
-def pad_tokens(token_ids: list[list[int]], masks: list[list[int]], pad_id: int):
-    """Right-padded ``(ids [B, T], attention_mask [B, T], loss_mask [B, T] float)`` — the one
-    place sequences of different lengths become a batch (RL update, critic, SFT)."""
+def pad_tokens(token_ids: list[list[int]], masks: list[list[int]], pad_id: int, device=None):
+    """Right-padded ``(ids [B, T], attention_mask [B, T], loss_mask [B, T] float)`` on ``device``
+    — the one place sequences of different lengths become a batch (RL update, critic, SFT)."""
     width = max(map(len, token_ids))
     ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
     for i, t in enumerate(token_ids):
         ids[i, : len(t)] = torch.tensor(t)
-    return ids, _pad([[1] * len(t) for t in token_ids], width, torch.long), _pad(masks, width, torch.float)
+    attn = _pad([[1] * len(t) for t in token_ids], width, torch.long, device)
+    return ids if device is None else ids.to(device), attn, _pad(masks, width, torch.float, device)
 
 
-def collate(trajs: list[Trajectory], advantages: list, pad_id: int, old: list | None = None, ref: list | None = None) -> MicroBatch:
+def collate(trajs: list[Trajectory], advantages: list, pad_id: int, old: list | None = None, ref: list | None = None,
+            device=None) -> MicroBatch:
     """``advantages[i]`` is a float (sequence-level) or a per-token list (e.g. GAE)."""
-    ids, attn, mask = pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id)
+    ids, attn, mask = pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id, device)
     width = ids.shape[1]
-    adv = _pad([a if isinstance(a, list) else [a] * len(t.token_ids) for t, a in zip(trajs, advantages)], width, torch.float)
-    sampler = _pad([t.logprobs for t in trajs], width, torch.float)
-    return MicroBatch(ids, attn, mask, _pad(old, width, torch.float) if old else sampler, sampler, adv * mask,
-                      _pad(ref, width, torch.float) if ref else None)
+    rows = [a if isinstance(a, list) else [a] * len(t.token_ids) for t, a in zip(trajs, advantages)]
+    adv, sampler = _pad(rows, width, torch.float, device), _pad([t.logprobs for t in trajs], width, torch.float, device)
+    return MicroBatch(ids, attn, mask, _pad(old, width, torch.float, device) if old else sampler, sampler, adv * mask,
+                      _pad(ref, width, torch.float, device) if ref else None)
 
 
 @torch.no_grad()
@@ -62,7 +69,7 @@ def sequence_logprobs(model, trajs: list[Trajectory], size: int, pad_id: int, te
     order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].token_ids))
     for c in range(0, len(order), size):
         idx = order[c : c + size]
-        mb = collate([trajs[i] for i in idx], [0.0] * len(idx), pad_id)
+        mb = collate([trajs[i] for i in idx], [0.0] * len(idx), pad_id, device=device_of(model))
         lp = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature)
         for j, i in enumerate(idx):
             out[i] = lp[j, : len(trajs[i].token_ids)].tolist()
@@ -117,7 +124,7 @@ def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, 
     for c in range(0, len(rows), optim.micro_batch_size):
         idx = rows[c : c + optim.micro_batch_size]
         mb = collate([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id,
-                     [old[i] for i in idx] if old else None, [ref[i] for i in idx] if ref else None)
+                     [old[i] for i in idx] if old else None, [ref[i] for i in idx] if ref else None, device_of(model))
         logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True)
         old_lp = logp.detach() if on_policy else mb.old_logprobs
         loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c)
@@ -140,7 +147,8 @@ def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, 
             sums["tokens"] += float(m.sum())
     measured = sums["tokens"]
     if measured == 0 and trajs:  # nothing trained: still measure the sampler/trainer mismatch and entropy
-        mb = collate(trajs[: optim.micro_batch_size], [0.0] * min(len(trajs), optim.micro_batch_size), pad_id)
+        mb = collate(trajs[: optim.micro_batch_size], [0.0] * min(len(trajs), optim.micro_batch_size), pad_id,
+                     device=device_of(model))
         with torch.no_grad():
             logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True)
             diff, m = logp - mb.sampler_logprobs, mb.loss_mask
