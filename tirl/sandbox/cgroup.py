@@ -6,8 +6,9 @@ the host (measured: 6 forked children of a 1 GiB request held 4.5 GiB). The pool
 with a memory limit of the request's ``memory_mb`` plus the zygote's share; the children raise
 their ``oom_score_adj`` so that they, not the zygote, are killed when it fills.
 
-Needs root and a writable cgroup hierarchy: the v1 ``memory`` controller, or v2 with the memory
-controller available to the pool's cgroup. Where neither is there, ``MemoryCap.create`` returns
+Needs root and a writable cgroup hierarchy: the v1 ``memory`` controller (tested), or v2 with the
+memory controller available to the pool's cgroup (written from the kernel's documentation, not
+tested: the development machines have v1). Where neither is there, ``MemoryCap.create`` returns
 None and the pool says so loudly.
 """
 
@@ -53,15 +54,13 @@ def _own_cgroup(controller: str) -> tuple[Path, int] | None:
             elif fstype == "cgroup2" and 2 not in mounts:
                 mounts[2] = Path(mount_point)
     with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if 1 in mounts and controller in controllers.split(","):
-                return mounts[1] / path.lstrip("/"), 1
-    if 2 in mounts:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return mounts[2] / line.rstrip("\n")[3:].lstrip("/"), 2
+        entries = [line.rstrip("\n").split(":", 2) for line in f]
+    for _, controllers, path in entries:
+        if 1 in mounts and controller in controllers.split(","):
+            return mounts[1] / path.lstrip("/"), 1
+    for hierarchy, _, path in entries:
+        if hierarchy == "0" and 2 in mounts:
+            return mounts[2] / path.lstrip("/"), 2
     return None
 
 

@@ -296,7 +296,6 @@ class _Run:
 
     def __init__(self, req, workroot, seccomp):
         self.req, self.workroot, self.max_out = req, workroot, int(req["max_output"])
-        self.scratch = SCRATCH
         workdir, stdin_path = _prepare(req, workroot)
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
@@ -381,7 +380,7 @@ class _Run:
         kill_descendants()  # grandchildren, daemons, orphans re-parented to us
         for fd in (self.out_r, self.err_r, self.st_r, self.pidfd):
             _quietly(lambda fd=fd: os.close(fd))
-        _clean(self.workroot, self.scratch)
+        _clean(self.workroot, SCRATCH)
 
 
 def _quietly(action):

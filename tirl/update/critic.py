@@ -56,9 +56,9 @@ def critic_update(critic: ValueModel, optimizer, trajs: list[Trajectory], return
     critic.train()
     optimizer.zero_grad(set_to_none=True)
     total = clipped = 0.0
+    dev = device_of(critic)
     for c in range(0, len(trajs), micro):
         part = trajs[c : c + micro]
-        dev = device_of(critic)
         ids, attn, mask = _batch(part, pad_id, dev)
         width = ids.shape[1]
         ret, old = _pad(returns[c : c + micro], width, torch.float, dev), _pad(old_values[c : c + micro], width, torch.float, dev)
