@@ -1,6 +1,7 @@
 """``tirl`` command line.
 
     tirl train [--config RECIPE_OR_TOML] [--model NAME_OR_PATH] [key.sub=value ...]
+    tirl train --resume RUN_DIR [key.sub=value ...]   continue a run exactly where it stopped
     tirl model prepare [NAME]        convert an embedded model into the cache (done on first use anyway)
     tirl sandbox serve|bench|check   SandboxFusion-compatible server, benchmark, isolation check
     tirl verify FILE.jsonl           audit the verifier on {gold, response} rows
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _quiet_libraries() -> None:
@@ -31,9 +33,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tirl.train import train
 
     overrides = ([f"model.name={json.dumps(args.model)}"] if args.model else []) + list(args.overrides)
-    cfg = load_config(args.config, overrides)
+    ckpt = None
+    if args.resume:
+        from tirl.run import resume_config
+
+        from tirl.types import TirlError
+
+        if args.model:
+            raise TirlError("--resume continues the run's own weights; drop --model")
+        cfg, ckpt = resume_config(Path(args.resume), list(args.overrides))
+        print(f"[tirl] resuming {ckpt.parent} from {ckpt.name} (step {json.loads((ckpt / 'trainer_state.json').read_text())['step']})")
+    else:
+        cfg = load_config(args.config, overrides)
     _quiet_libraries()
-    path = train(cfg, progress=not args.no_progress)
+    path = train(cfg, progress=not args.no_progress, resume=ckpt)
     print(f"[tirl] done: metrics, trajectories and checkpoint in {path}")
     if not args.no_report:
         from tirl.report import write_report
@@ -182,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run GRPO with tool-integrated rollouts")
     t.add_argument("--config", default="demo", help="a recipe name (see `tirl recipes`) or a TOML file [demo]")
     t.add_argument("--model", default=None, help="embedded name, local HF folder or hub id (= model.name=...)")
+    t.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue a run exactly from its latest resumable checkpoint (or the checkpoint given), "
+                        "with its own config; overrides apply on top (e.g. train.steps=200)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--no-report", action="store_true", help="do not write report.html and plots at the end")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=3 rollout.group_size=8")

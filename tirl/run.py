@@ -20,6 +20,48 @@ from tirl.config import Config, config_to_toml
 from tirl.types import TirlError, Trajectory
 
 
+def find_checkpoint(path: Path) -> Path:
+    """``path`` itself if it is a checkpoint, else the run folder's resumable checkpoint with the
+    most completed steps."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    found = []
+    for state_file in path.glob("*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        if state.get("resumable", True) and (state_file.parent / "trainer.pt").is_file():
+            found.append((state["step"], state_file.stat().st_mtime, state_file.parent))
+    if not found:
+        raise TirlError(f"no resumable checkpoint in {path} (a folder with trainer_state.json and trainer.pt). "
+                        "Fix: pass a run folder written by `tirl train` with train.save_every > 0, or a checkpoint in it.")
+    return max(found)[2]
+
+
+def check_resumable(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json`` if an exact resume from it is possible, else a
+    TirlError that says why and what to use instead."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if not state.get("resumable", True) or not (ckpt / "trainer.pt").is_file():
+        raise TirlError(f"{ckpt} cannot be resumed exactly: it was saved in the middle of step {state['step'] + 1}'s "
+                        "update (or without trainer.pt). Fix: resume from the run folder (its latest resumable "
+                        "checkpoint is taken) or an earlier checkpoint-N.")
+    return state
+
+
+def resume_config(path: Path, overrides: list[str]) -> tuple[Config, Path]:
+    """The config of the run that wrote ``path`` (a run folder or one of its checkpoints), with
+    ``overrides`` (e.g. ``train.steps=200`` to go further), and the checkpoint to resume from."""
+    from tirl.config import load_config
+
+    ckpt = find_checkpoint(path)
+    check_resumable(ckpt)
+    toml = ckpt.parent / "config.toml"
+    if not toml.is_file():
+        raise TirlError(f"{toml} is missing: --resume needs the run folder `tirl train` wrote around {ckpt}.")
+    fixed = [f"model.name={json.dumps(str(ckpt))}", "sft.before_rl=false"]  # the checkpoint holds the SFT'd weights
+    return load_config(str(toml), [*overrides, *fixed]), ckpt
+
+
 def _clean(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -88,10 +130,30 @@ class RunDir:
             for t in trajs:
                 f.write(json.dumps(t.to_json()) + "\n")
 
-    def save_checkpoint(self, model, tokenizer, state: dict[str, Any], name: str = "checkpoint") -> Path:
+    def save_checkpoint(self, model, tokenizer, state: dict[str, Any], name: str = "checkpoint",
+                        extra: dict[str, Any] | None = None) -> Path:
+        """The policy as a Hugging Face folder and ``trainer_state.json``; with ``extra`` (the
+        optimizer, scheduler, critic, reference: ``Trainer.training_state``) also ``trainer.pt``,
+        and with both an exact resume is possible."""
+        import torch
+
         out = self.path / name
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        if extra is not None:
+            torch.save(extra, out / "trainer.pt")
         (out / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        self.log_event("checkpoint", path=str(out), step=state.get("step"))
+        self.log_event("checkpoint", path=str(out), step=state.get("step"), resumable=state.get("resumable"))
         return out
+
+    @classmethod
+    def reopen(cls, path: Path, step: int) -> "RunDir":
+        """An existing run continued after ``step``: metrics of later steps (written after that
+        checkpoint, before the run stopped) are dropped; they will be written again."""
+        run = cls(path)
+        metrics = path / "metrics.jsonl"
+        if metrics.is_file():
+            rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        return run

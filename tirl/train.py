@@ -1,12 +1,16 @@
 """The outer loop: data -> prompt -> rollout -> reward -> advantage -> update, one step at a time.
 
 Everything a step needs lives in :class:`Trainer`; the state that changes between steps
-(step count, data position) is the small, serialisable :class:`TrainState`.
+(step count, data position) is the small, serialisable :class:`TrainState`, and with the weights,
+the optimizer, scheduler, critic and reference model (``training_state``) it is all a checkpoint
+needs for an exact resume (``tirl train --resume RUN``): every step seeds its own sampling from
+(seed, step).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
 import traceback
@@ -28,14 +32,14 @@ from tirl.reward import Verifier, check_terms, score
 from tirl.rollout import RolloutLimits, SamplingParams, resolve_mode, rollout
 from tirl.rollout.protocol import get_protocol
 from tirl.rollout.hf_engine import HFEngine
-from tirl.run import RunDir
+from tirl.run import RunDir, check_resumable
 from tirl.sandbox import describe, make_sandbox
 from tirl.shaping import has_signal, resample_on_correct, takes_part
 from tirl.types import TirlError, Trajectory
 from tirl.loss import kl_penalty, masked_whiten
 from tirl.update import policy_update
 from tirl.update.critic import ValueModel, critic_update, critic_values
-from tirl.update.step import sequence_logprobs
+from tirl.update.step import device_of, sequence_logprobs
 
 
 @dataclass
@@ -129,7 +133,9 @@ class Trainer:
         self.params = SamplingParams(r.temperature, r.top_p, r.top_k)
         self.limits = RolloutLimits(r.max_tool_calls, r.max_tokens_per_turn, r.max_response_tokens,
                                     r.obs_head_chars, r.obs_tail_chars, s.timeout_s, s.replay_history, s.print_last_expr)
-        self.state = TrainState()
+        self.state = TrainState()  # the step under way (its number seeds its sampling)
+        self.done = TrainState()  # the last completed step: what a checkpoint resumes from
+        self.mid_update = False  # weights or optimizer changed by a step that has not completed
 
     def _sample_groups(self, n: int, timing: dict[str, float]) -> list[list[Trajectory]]:
         """Roll out ``n`` new prompts x group_size (x the resample-on-correct factor), scored."""
@@ -176,7 +182,7 @@ class Trainer:
 
     def step(self) -> tuple[dict[str, Any], list[Trajectory]]:
         cfg, r, a = self.cfg, self.cfg.rollout, self.cfg.algo
-        self.state.step += 1
+        self.state = TrainState(self.done.step + 1, self.done.data)
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.step)  # a step's samples depend on (seed, step)
         timing = {"generate": 0.0, "tools": 0.0, "reward": 0.0}
         groups, shaping = self._collect(timing)
@@ -192,6 +198,7 @@ class Trainer:
                     t.reward -= a.kl_coef * float((kl * torch.tensor(t.mask, dtype=torch.float)).sum())
         upd: dict[str, float] = {}
         if trajs:
+            self.mid_update = True
             part = [i for i, t in enumerate(trajs) if takes_part(t, a.overlong_filter, a.void_turn_filter)]
             shaping["shaping/filtered_trajs"] = float(len(trajs) - len(part))
             if self.critic is not None:
@@ -213,6 +220,7 @@ class Trainer:
                 self.engine.load_weights(self.model, self.cfg.rollout.weight_sync)
                 t_sync = time.perf_counter() - t1
         self.state.data = self.sampler.state_dict()
+        self.done, self.mid_update = TrainState(self.state.step, dict(self.state.data)), False
         metrics = {"step": self.state.step, **rollout_metrics(trajs), **{f"update/{k}": v for k, v in upd.items()},
                    **shaping, "lr": self.scheduler.get_last_lr()[0], "time/generate": timing["generate"],
                    "time/tools": timing["tools"], "time/reward": timing["reward"],
@@ -249,7 +257,37 @@ class Trainer:
         return flat
 
     def state_dict(self) -> dict[str, Any]:
-        return {**asdict(self.state), "seed": self.cfg.train.seed}
+        """The last completed step; ``resumable`` is false when a failed step had already changed
+        the weights (they then belong to no completed step)."""
+        return {**asdict(self.done), "seed": self.cfg.train.seed, "resumable": not self.mid_update}
+
+    def training_state(self) -> dict[str, Any]:
+        """Tensors a resume needs besides the policy's weights (saved as ``trainer.pt``)."""
+        out: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.critic is not None:
+            out |= {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_opt.state_dict()}
+        if self.ref_model is not None:
+            out["ref"] = self.ref_model.state_dict()
+        return out
+
+    def restore(self, ckpt: Path) -> None:
+        """Continue from a checkpoint written by :func:`train` (its weights are already loaded:
+        ``model.name`` points at it)."""
+        state = check_resumable(ckpt)
+        extra = torch.load(ckpt / "trainer.pt", map_location=device_of(self.model), weights_only=True)
+        for have, key in ((self.critic is not None, "critic"), (self.ref_model is not None, "ref")):
+            if have != (key in extra):
+                raise TirlError(f"{ckpt} was saved {'with' if key in extra else 'without'} a {key} model and the config "
+                                f"asks {'for' if have else 'for none'}; resume with the run's own config.")
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if self.critic is not None:
+            self.critic.load_state_dict(extra["critic"])
+            self.critic_opt.load_state_dict(extra["critic_optimizer"])
+        if self.ref_model is not None:
+            self.ref_model.load_state_dict(extra["ref"])
+        self.sampler.load_state_dict(state["data"])
+        self.done = self.state = TrainState(state["step"], state["data"])
 
 
 def _eval_line(step: int, ev: dict[str, float]) -> str:
@@ -263,21 +301,33 @@ def _eval_line(step: int, ev: dict[str, float]) -> str:
     return f"[tirl] held-out @ step {step}: " + "; ".join(parts)
 
 
-def train(cfg: Config, progress: bool = True) -> Path:
+def _save(run: RunDir, trainer: Trainer, name: str) -> Path:
+    return run.save_checkpoint(trainer.model, trainer.tok, trainer.state_dict(), name, trainer.training_state())
+
+
+def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Path:
     """Run ``cfg.train.steps`` steps; returns the run directory. On any failure a checkpoint of
-    the current weights and the error are written before the exception propagates."""
+    the current weights and the error are written before the exception propagates. ``resume``: a
+    checkpoint of a run (see :func:`tirl.run.resume_config`), continued in that run's folder."""
     from tqdm.auto import tqdm
 
     trainer = Trainer(cfg)
-    run = RunDir.create(cfg)
+    if resume is not None:
+        try:
+            trainer.restore(resume)
+        except BaseException:
+            trainer.sandbox.close()
+            trainer.verifier.close()
+            raise
+    run = RunDir.create(cfg) if resume is None else RunDir.reopen(resume.parent, trainer.done.step)
     try:
         run.attach_loggers(cfg)
     except BaseException:
         trainer.sandbox.close()
         trainer.verifier.close()
         raise
-    run.log_event("start", steps=cfg.train.steps, model=cfg.model.name, sandbox=describe(trainer.sandbox),
-                  engine=type(trainer.engine).__name__)
+    run.log_event("start" if resume is None else "resume", steps=cfg.train.steps, model=cfg.model.name,
+                  sandbox=describe(trainer.sandbox), engine=type(trainer.engine).__name__, from_step=trainer.done.step)
     bar = tqdm(total=cfg.train.steps, desc=f"tirl {cfg.recipe}", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         if cfg.eval.at_start and trainer.state.step == 0:  # the starting point (after SFT, before RL)
@@ -296,14 +346,14 @@ def train(cfg: Config, progress: bool = True) -> Path:
                 tqdm.write(_eval_line(trainer.state.step, ev))  # the held-out learning curve, as it grows
             run.log_metrics(metrics)
             if cfg.train.save_every and trainer.state.step % cfg.train.save_every == 0:
-                run.save_checkpoint(trainer.model, trainer.tok, trainer.state_dict(), f"checkpoint-{trainer.state.step}")
+                _save(run, trainer, f"checkpoint-{trainer.state.step}")
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:+.2f}", acc=f"{metrics['accuracy']:.2f}",
                             calls=f"{metrics['tool_calls_per_traj']:.2f}", len=f"{metrics['response_len']:.0f}")
     except BaseException as e:
         bar.close()
         run.log_event("error", step=trainer.state.step, error=repr(e), traceback=traceback.format_exc())
-        out = run.save_checkpoint(trainer.model, trainer.tok, trainer.state_dict(), "checkpoint-interrupted")
+        out = _save(run, trainer, "checkpoint-interrupted")
         print(f"[tirl] run stopped at step {trainer.state.step} ({type(e).__name__}); weights saved to {out}; "
               f"metrics and trajectories so far are in {run.path}", flush=True)
         raise
@@ -312,6 +362,6 @@ def train(cfg: Config, progress: bool = True) -> Path:
         trainer.verifier.close()
         run.close()
     bar.close()
-    run.save_checkpoint(trainer.model, trainer.tok, trainer.state_dict(), "checkpoint")
+    _save(run, trainer, "checkpoint")
     run.log_event("done", step=trainer.state.step)
     return run.path
