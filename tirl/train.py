@@ -354,8 +354,10 @@ def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Pat
         bar.close()
         run.log_event("error", step=trainer.state.step, error=repr(e), traceback=traceback.format_exc())
         out = _save(run, trainer, "checkpoint-interrupted")
+        how = (f"continue it exactly with: tirl train --resume {run.path}" if trainer.state_dict()["resumable"]
+               else "it stopped inside an update: --resume takes the run's last checkpoint-N")
         print(f"[tirl] run stopped at step {trainer.state.step} ({type(e).__name__}); weights saved to {out}; "
-              f"metrics and trajectories so far are in {run.path}", flush=True)
+              f"metrics and trajectories so far are in {run.path}; {how}", flush=True)
         raise
     finally:
         trainer.sandbox.close()
