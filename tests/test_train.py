@@ -183,6 +183,13 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path, algo):
 def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
     assert "no resumable checkpoint" in capsys.readouterr().err
+    done = tmp_path / "runs" / "done" / "checkpoint"
+    done.mkdir(parents=True)
+    (done / "trainer_state.json").write_text(json.dumps({"step": 2, "data": {}, "resumable": True}))
+    (done / "trainer.pt").write_bytes(b"")
+    (done.parent / "config.toml").write_text('recipe = "demo"\n[train]\nsteps = 2\n')
+    assert main(["train", "--resume", str(done.parent), "--no-progress"]) == 2
+    assert "nothing left to run" in capsys.readouterr().err
     ckpt = tmp_path / "runs" / "x" / "checkpoint-interrupted"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 3, "data": {}, "resumable": False}))

@@ -36,7 +36,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ckpt = None
     if args.resume:
         from tirl.run import resume_config
-
         from tirl.types import TirlError
 
         if args.model:

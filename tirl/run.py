@@ -33,7 +33,8 @@ def find_checkpoint(path: Path) -> Path:
             found.append((state["step"], state_file.stat().st_mtime, state_file.parent))
     if not found:
         raise TirlError(f"no resumable checkpoint in {path} (a folder with trainer_state.json and trainer.pt). "
-                        "Fix: pass a run folder written by `tirl train` with train.save_every > 0, or a checkpoint in it.")
+                        "Fix: pass a run folder written by `tirl train` (it holds checkpoint/, checkpoint-N/ or "
+                        "checkpoint-interrupted/) or one of those folders.")
     return max(found)[2]
 
 
@@ -54,12 +55,16 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[Config, Path]:
     from tirl.config import load_config
 
     ckpt = find_checkpoint(path)
-    check_resumable(ckpt)
+    step = check_resumable(ckpt)["step"]
     toml = ckpt.parent / "config.toml"
     if not toml.is_file():
         raise TirlError(f"{toml} is missing: --resume needs the run folder `tirl train` wrote around {ckpt}.")
     fixed = [f"model.name={json.dumps(str(ckpt))}", "sft.before_rl=false"]  # the checkpoint holds the SFT'd weights
-    return load_config(str(toml), [*overrides, *fixed]), ckpt
+    cfg = load_config(str(toml), [*overrides, *fixed])
+    if step >= cfg.train.steps:
+        raise TirlError(f"{ckpt} has completed {step} of train.steps = {cfg.train.steps}: nothing left to run. "
+                        f"Fix: pass train.steps={2 * step} (any number above {step}) to go further.")
+    return cfg, ckpt
 
 
 def _clean(v: Any) -> Any:

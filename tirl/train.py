@@ -278,7 +278,7 @@ class Trainer:
         for have, key in ((self.critic is not None, "critic"), (self.ref_model is not None, "ref")):
             if have != (key in extra):
                 raise TirlError(f"{ckpt} was saved {'with' if key in extra else 'without'} a {key} model and the config "
-                                f"asks {'for' if have else 'for none'}; resume with the run's own config.")
+                                f"{'has one' if have else 'has none'}; resume with the run's own config.")
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.critic is not None:
