@@ -256,6 +256,11 @@ class Trainer:
         flat.update({f"eval/avg/{k}": v for k, v in res["average"].items()})
         return flat
 
+    def close(self) -> None:
+        """Stop the sandbox's and the verifier's worker processes."""
+        self.sandbox.close()
+        self.verifier.close()
+
     def state_dict(self) -> dict[str, Any]:
         """The last completed step; ``resumable`` is false when a failed step had already changed
         the weights (they then belong to no completed step)."""
@@ -312,23 +317,18 @@ def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Pat
     from tqdm.auto import tqdm
 
     trainer = Trainer(cfg)
-    if resume is not None:
-        try:
-            trainer.restore(resume)
-        except BaseException:
-            trainer.sandbox.close()
-            trainer.verifier.close()
-            raise
-    run = RunDir.create(cfg) if resume is None else RunDir.reopen(resume.parent, trainer.done.step)
     try:
+        if resume is not None:
+            trainer.restore(resume)
+        run = RunDir.create(cfg) if resume is None else RunDir.reopen(resume.parent, trainer.done.step)
         run.attach_loggers(cfg)
     except BaseException:
-        trainer.sandbox.close()
-        trainer.verifier.close()
+        trainer.close()
         raise
     run.log_event("start" if resume is None else "resume", steps=cfg.train.steps, model=cfg.model.name,
                   sandbox=describe(trainer.sandbox), engine=type(trainer.engine).__name__, from_step=trainer.done.step)
-    bar = tqdm(total=cfg.train.steps, desc=f"tirl {cfg.recipe}", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=trainer.done.step, desc=f"tirl {cfg.recipe}", unit="step",
+               disable=not progress, dynamic_ncols=True)
     try:
         if cfg.eval.at_start and trainer.state.step == 0:  # the starting point (after SFT, before RL)
             ev = trainer.evaluate(run.path / "eval" / "step_000000")
@@ -360,8 +360,7 @@ def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Pat
               f"metrics and trajectories so far are in {run.path}; {how}", flush=True)
         raise
     finally:
-        trainer.sandbox.close()
-        trainer.verifier.close()
+        trainer.close()
         run.close()
     bar.close()
     _save(run, trainer, "checkpoint")
