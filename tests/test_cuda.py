@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tirl.config import AlgoConfig, OptimConfig, load_config
+from tirl.config import AlgoConfig, load_config
 from tirl.models import load_model, resolve_device
 from tirl.types import TirlError
 

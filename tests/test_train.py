@@ -143,6 +143,23 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _same_final_weights(a, b) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "checkpoint" / "model.safetensors"), load_file(b / "checkpoint" / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _resume_extra(**more):
+    """Overrides of the resume tests: a deterministic stand-in reward (every group has signal, the
+    same in every run) and a warm-up that is still moving the learning rate at steps 3-4."""
+    from tirl.reward import register_term
+
+    register_term("length_parity")(lambda traj, cfg: 1.0 if len(traj.token_ids) % 2 else -1.0)
+    return {"train.steps": 4, "optim.warmup_steps": 6, "reward.terms": "{length_parity = 1.0, correct = 0.0}", **more}
+
+
 @pytest.mark.parametrize("algo", [{"algo.kl_coef": 0.05, "algo.entropy_coef": 0.01},
                                   {"algo.advantage": "gae", "algo.critic_warmup": 1, "algo.critic_lr": 1e-3}],
                          ids=["grpo-kl-entropy", "ppo-critic"])
@@ -150,17 +167,7 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path, algo):
     """4 steps in one go == 2 steps, a stop, then `tirl train --resume` to 4: the same metrics at
     steps 3 and 4 and the same final weights, so AdamW's moments, the warm-up schedule, the KL
     reference, the data position and the sampling seeds all came back."""
-    import torch
-    from safetensors.torch import load_file
-
-    from tirl.reward import register_term
-
-    @register_term("length_parity")
-    def _parity(traj, cfg):  # a deterministic stand-in reward for this test: every group has signal
-        return 1.0 if len(traj.token_ids) % 2 else -1.0
-
-    extra = {"train.steps": 4, "train.save_every": 2, "optim.warmup_steps": 6, **algo,
-             "reward.terms": "{length_parity = 1.0, correct = 0.0}"}
+    extra = _resume_extra(**{"train.save_every": 2}, **algo)
     a = train(load_config("demo", _overrides(tiny_model_dir, tmp_path, **extra, **{"train.run_name": "a"})), progress=False)
     b_args = _overrides(tiny_model_dir, tmp_path, **{**extra, "train.steps": 2, "train.run_name": "b"})
     assert main(["train", "--config", "demo", "--no-progress", "--no-report", *b_args]) == 0
@@ -174,8 +181,7 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path, algo):
         same = {k: v for k, v in x.items() if not k.startswith("time/")}
         assert same == {k: y[k] for k in same}, (x["step"], {k: (v, y.get(k)) for k, v in same.items() if y.get(k) != v})
     assert ra[3]["update/tokens_trained"] > 0 and ra[2]["lr"] != ra[3]["lr"]  # updates happened, warm-up moved
-    wa, wb = load_file(a / "checkpoint" / "model.safetensors"), load_file(b / "checkpoint" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _same_final_weights(a, b)
     events = [json.loads(line)["event"] for line in (b / "events.jsonl").read_text().splitlines()]
     assert "resume" in events
 
@@ -202,15 +208,9 @@ def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, capsys
 def test_resume_after_a_crash_mid_step(tiny_model_dir, tmp_path, monkeypatch):
     """A step that fails before it changed the weights (here: scoring step 3 raises) leaves a
     resumable checkpoint-interrupted at step 2; the resumed run ends where an uninterrupted one does."""
-    import torch
-    from safetensors.torch import load_file
-
     import tirl.train as T
-    from tirl.reward import register_term
 
-    register_term("length_parity")(lambda traj, cfg: 1.0 if len(traj.token_ids) % 2 else -1.0)
-    extra = {"train.steps": 4, "optim.warmup_steps": 6, "algo.entropy_coef": 0.01,
-             "reward.terms": "{length_parity = 1.0, correct = 0.0}"}
+    extra = _resume_extra(**{"algo.entropy_coef": 0.01})
     a = train(load_config("demo", _overrides(tiny_model_dir, tmp_path, **extra, **{"train.run_name": "a"})), progress=False)
     calls, real = iter(range(1, 100)), T.score
 
@@ -227,6 +227,5 @@ def test_resume_after_a_crash_mid_step(tiny_model_dir, tmp_path, monkeypatch):
     state = json.loads((c / "checkpoint-interrupted" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["resumable"]
     assert main(["train", "--resume", str(c), "--no-progress", "--no-report"]) == 0
-    wa, wc = load_file(a / "checkpoint" / "model.safetensors"), load_file(c / "checkpoint" / "model.safetensors")
-    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert _same_final_weights(a, c)
     assert [r["step"] for r in _rows(c)] == [1, 2, 3, 4]
