@@ -116,6 +116,46 @@ def test_stdin_and_files(pool):
     r = pool.run("import sys; print(sys.stdin.read().upper(), open('data/a.txt').read())", stdin="hello",
                  files={"data/a.txt": b"file-content", "../escape.txt": b"x"})
     assert r.stdout.strip() == "HELLO file-content"
+    empty = pool.run("import sys; print(repr(sys.stdin.read()))")  # no input: an empty stdin, like /dev/null
+    assert empty.stdout.strip() == "''"
+
+
+def test_every_request_gets_fresh_random_streams(pool):
+    """As in a fresh interpreter: Python's, numpy's global and sympy's generators differ between
+    requests (numpy's did not when children inherited the zygote's state), and a seeded one repeats."""
+    code = ("import random, numpy as np, sympy.core.random as sr\n"
+            "print(random.random(), np.random.rand(), sr.rng.random())")
+    outs = [pool.run(code).stdout.split() for _ in range(4)]
+    for column in zip(*outs):
+        assert len(set(column)) == 4, outs
+    seeded = [pool.run("import numpy as np; np.random.seed(3); print(np.random.rand())").stdout for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_child_interpreter_state_is_whole(pool):
+    """Children are forked without Python's at-fork hooks (the zygote is single-threaded): threads,
+    locks, logging, subprocesses and a nested fork still work in the child."""
+    code = """
+import logging, os, threading, subprocess
+assert threading.current_thread() is threading.main_thread()
+out = []
+t = threading.Thread(target=lambda: out.append(sum(range(10))))
+t.start(); t.join()
+lock = threading.Lock()
+with lock:
+    pass
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+logging.info("logged")
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+_, status = os.waitpid(pid, 0)
+echo = subprocess.run(["/bin/echo", "sub"], capture_output=True, text=True).stdout.strip()
+print(out[0], os.waitstatus_to_exitcode(status), echo)
+"""
+    r = pool.run(code)
+    assert r.ok, r
+    assert r.stdout.strip() == "45 7 sub" and "logged" in r.stderr
 
 
 # -- SandboxFusion compatibility ---------------------------------------------------------------
