@@ -107,6 +107,32 @@ def test_memory_cgroups_follow_the_lanes():
     assert not any(cap.path.exists() for cap in caps)
 
 
+def test_a_memory_cgroup_that_cannot_be_joined_falls_back_loudly(monkeypatch):
+    """Where the hierarchy refuses the move (the cgroup v2 path is untested here), the pool runs
+    without a memory cap and says so, instead of failing to start."""
+    from tirl.sandbox import cgroup, pool as pool_module
+
+    probe = cgroup.MemoryCap.create(64)
+    if probe is None:
+        pytest.skip("no memory cgroup here to refuse")
+    probe.remove()
+    real_enter = cgroup.MemoryCap.enter_argv
+
+    def refused(self, argv, uid):  # the wrapper is told to join a cgroup that is not there
+        procs = str(self.path / "cgroup.procs")
+        return ["/nonexistent/cgroup.procs" if a == procs else a for a in real_enter(self, argv, uid)]
+
+    monkeypatch.setattr(cgroup.MemoryCap, "enter_argv", refused)
+    monkeypatch.setattr(pool_module, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="memory cgroup"):
+        p = ZygotePool(lanes=1)
+    try:
+        assert not p.level.memory_cap and p.run("print(6 * 7)").stdout == "42\n"
+        assert "no-memcg" in p.level.describe()
+    finally:
+        p.close()
+
+
 def test_unknown_isolation_is_rejected():
     with pytest.raises(ValueError, match="isolation"):
         ZygotePool(isolation="docker")
@@ -220,3 +246,4 @@ def test_replay_restores_state_silently(pool):
     code = with_replay(["x = 5\nprint('first')", "y = x * 2", "1/0"], "print(x + y)")
     r = pool.run(code)
     assert r.ok and r.stdout == "15\n"
+
