@@ -247,3 +247,15 @@ def test_replay_restores_state_silently(pool):
     r = pool.run(code)
     assert r.ok and r.stdout == "15\n"
 
+
+def test_bench_times_both_runners_in_alternating_blocks():
+    """`tirl sandbox bench` on a tiny mix: every execution counted once, both runners' figures
+    from all their blocks, the ratio theirs."""
+    from tirl.sandbox.bench import SNIPPETS, format_table, run_bench
+
+    r = run_bench(n=18, baseline_n=9, lanes=2, rounds=3)
+    assert r["pool"]["n"] == 18 and r["baseline"]["n"] == 9 and r["rounds"] == 3
+    assert r["ratio"] == pytest.approx(r["pool"]["exec_per_s"] / r["baseline"]["exec_per_s"])
+    assert r["pool"]["exec_per_s"] > r["baseline"]["exec_per_s"]  # the pool skips the interpreter start
+    assert set(r["per_snippet_p50_ms"]) == set(SNIPPETS)
+    assert "3 alternating blocks" in format_table(r)

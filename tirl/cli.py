@@ -76,7 +76,8 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
     elif args.action == "bench":
         from tirl.sandbox.bench import format_table, run_bench
 
-        table = format_table(run_bench(n=args.n, baseline_n=args.baseline_n, lanes=args.lanes, isolation=args.isolation))
+        table = format_table(run_bench(n=args.n, baseline_n=args.baseline_n, lanes=args.lanes, rounds=args.rounds,
+                                       isolation=args.isolation))
         print(table)
         if args.out:
             with open(args.out, "a") as f:
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--isolation", choices=["auto", "bwrap", "process"], default="auto")
     sb.add_argument("--n", type=int, default=450, help="bench: executions through the pool [450]")
     sb.add_argument("--baseline-n", type=int, default=72, help="bench: executions through the baseline [72]")
+    sb.add_argument("--rounds", type=int, default=3, help="bench: alternating pool/baseline blocks [3]")
     sb.add_argument("--out", default=None, help="bench: also append the table to this file")
     sb.set_defaults(fn=_cmd_sandbox)
     v = sub.add_parser("verify", help="audit the verifier: rows {gold, response} -> + extracted, correct")

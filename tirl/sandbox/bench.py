@@ -48,17 +48,30 @@ def _fresh_process(python: str, code: str, timeout: float) -> float:
     return time.perf_counter() - t0
 
 
-def _measure(fn, codes: list[str], workers: int) -> dict[str, float]:
+def _timed(fn, codes: list[str], workers: int) -> tuple[list[float], float]:
+    """(latency of each call, wall time) with ``workers`` calls in flight."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as ex:
         lat = list(ex.map(fn, codes))
-    wall = time.perf_counter() - t0
-    return {"n": len(codes), "exec_per_s": len(codes) / wall, "p50_ms": 1000 * statistics.median(lat),
+    return lat, time.perf_counter() - t0
+
+
+def _summary(blocks: list[tuple[list[float], float]]) -> dict[str, float]:
+    lat = [x for b in blocks for x in b[0]]
+    wall = sum(b[1] for b in blocks)
+    return {"n": len(lat), "exec_per_s": len(lat) / wall, "p50_ms": 1000 * statistics.median(lat),
             "p99_ms": 1000 * _pct(lat, 0.99), "wall_s": wall}
 
 
-def run_bench(n: int = 450, baseline_n: int = 72, lanes: int = 2, timeout: float = 10.0, **pool_kw) -> dict:
-    codes = [list(SNIPPETS.values())[i % len(SNIPPETS)] for i in range(n)]
+def _chunks(xs: list[str], k: int) -> list[list[str]]:
+    return [xs[i * len(xs) // k:(i + 1) * len(xs) // k] for i in range(k)]
+
+
+def run_bench(n: int = 450, baseline_n: int = 72, lanes: int = 2, timeout: float = 10.0, rounds: int = 3,
+              **pool_kw) -> dict:
+    """Pool and baseline are timed in ``rounds`` alternating blocks (the same machine state for both:
+    this VM's speed drifts by ±15% over minutes), each runner's figures over all of its blocks."""
+    codes = [list(SNIPPETS.values())[i % len(SNIPPETS)] for i in range(max(n, baseline_n))]
     with ZygotePool(lanes=lanes, timeout_s=timeout, **pool_kw) as pool:
         for c in SNIPPETS.values():  # one warm pass, not timed
             pool.run(c)
@@ -69,16 +82,21 @@ def run_bench(n: int = 450, baseline_n: int = 72, lanes: int = 2, timeout: float
             assert res.error is None, res.error
             return time.perf_counter() - t0
 
-        ours = _measure(via_pool, codes, workers=lanes)
-        per_snippet = {k: 1000 * statistics.median([via_pool(c) for _ in range(5)]) for k, c in SNIPPETS.items()}
         level, python = pool.level.describe(), pool.python
-    base = _measure(lambda c: _fresh_process(python, c, timeout), codes[:baseline_n], workers=lanes)
+        ours, base = [], []
+        for pool_codes, base_codes in zip(_chunks(codes[:n], rounds), _chunks(codes[:baseline_n], rounds)):
+            ours.append(_timed(via_pool, pool_codes, lanes))
+            base.append(_timed(lambda c: _fresh_process(python, c, timeout), base_codes, lanes))
+        per_snippet = {k: 1000 * statistics.median([via_pool(c) for _ in range(5)]) for k, c in SNIPPETS.items()}
+    ours, base = _summary(ours), _summary(base)
     return {"pool": ours, "baseline": base, "ratio": ours["exec_per_s"] / base["exec_per_s"], "level": level,
-            "python": python, "lanes": lanes, "cpus": os.cpu_count(), "per_snippet_p50_ms": per_snippet}
+            "python": python, "lanes": lanes, "cpus": os.cpu_count(), "per_snippet_p50_ms": per_snippet,
+            "rounds": rounds}
 
 
 def format_table(r: dict) -> str:
-    rows = [f"sandbox bench: {r['lanes']} lanes on {r['cpus']} CPUs, interpreter {r['python']}, isolation {r['level']}",
+    rows = [f"sandbox bench: {r['lanes']} lanes on {r['cpus']} CPUs, interpreter {r['python']}, isolation {r['level']}, "
+            f"pool and baseline timed in {r['rounds']} alternating blocks",
             "", "| runner | executions | exec/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
     for name, key in (("tirl pool (pre-forked zygotes)", "pool"), ("fresh interpreter per call (baseline)", "baseline")):
         m = r[key]
