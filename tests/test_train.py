@@ -229,3 +229,22 @@ def test_resume_after_a_crash_mid_step(tiny_model_dir, tmp_path, monkeypatch):
     assert main(["train", "--resume", str(c), "--no-progress", "--no-report"]) == 0
     assert _same_final_weights(a, c)
     assert [r["step"] for r in _rows(c)] == [1, 2, 3, 4]
+
+
+def test_a_crash_in_evaluation_keeps_the_steps_metrics(tiny_model_dir, tmp_path, monkeypatch):
+    """Evaluation fails after step 2 completed: step 2's training metrics are still written, the
+    checkpoint resumes after step 2, and the resumed run logs each step once."""
+    def failing_eval(self, out_dir):
+        raise RuntimeError("benchmark file vanished (simulated)")
+
+    monkeypatch.setattr(Trainer, "evaluate", failing_eval)
+    cfg = load_config("demo", _overrides(tiny_model_dir, tmp_path, **{"eval.every": 2, "eval.at_start": False}))
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(cfg, progress=False)
+    run = tmp_path / "runs" / "t"
+    assert [r["step"] for r in _rows(run)] == [1, 2] and "reward_mean" in _rows(run)[1]
+    state = json.loads((run / "checkpoint-interrupted" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["resumable"]
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run), "--no-progress", "--no-report", "train.steps=3"]) == 0
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3]

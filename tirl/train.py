@@ -341,7 +341,11 @@ def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Pat
             if cfg.train.save_trajectories:
                 run.log_trajectories(trainer.state.step, trajs)
             if cfg.eval.every and trainer.state.step % cfg.eval.every == 0:
-                ev = trainer.evaluate(run.path / "eval" / f"step_{trainer.state.step:06d}")
+                try:
+                    ev = trainer.evaluate(run.path / "eval" / f"step_{trainer.state.step:06d}")
+                except BaseException:
+                    run.log_metrics(metrics)  # the step itself completed: its row stays, without evaluation
+                    raise
                 metrics.update(ev)
                 tqdm.write(_eval_line(trainer.state.step, ev))  # the held-out learning curve, as it grows
             run.log_metrics(metrics)
