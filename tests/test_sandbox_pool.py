@@ -259,3 +259,31 @@ def test_bench_times_both_runners_in_alternating_blocks():
     assert r["pool"]["exec_per_s"] > r["baseline"]["exec_per_s"]  # the pool skips the interpreter start
     assert set(r["per_snippet_p50_ms"]) == set(SNIPPETS)
     assert "3 alternating blocks" in format_table(r)
+
+
+def test_raw_fork_falls_back_to_os_fork_when_a_thread_runs():
+    """The zygote forks without Python's at-fork hooks only while it is single-threaded; with a
+    thread running, os.fork's hooks must tidy the child's view of it."""
+    import subprocess
+    import sys
+
+    from tirl.sandbox.pool import ZYGOTE_SOURCE
+
+    script = ZYGOTE_SOURCE.split("\ndef main():")[0] + """
+import threading
+def forked_count():
+    r, w = os.pipe()
+    pid = raw_fork()
+    if pid == 0:
+        os.write(w, str(threading.active_count()).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return os.read(r, 16).decode()
+alone = forked_count()
+stop = threading.Event()
+threading.Thread(target=stop.wait, daemon=True).start()
+print(alone, forked_count())
+stop.set()
+"""
+    out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["1", "1"], out

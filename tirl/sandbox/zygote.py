@@ -137,7 +137,11 @@ def raw_fork():
     """fork() without Python's at-fork hooks. The zygote is single-threaded, so the hooks have
     nothing to repair (no lock held by another thread), yet in the warm interpreter they copy ~250
     pages (~0.9 ms here: threading's and logging's re-initialisation, the random reseed). The child
-    calls ``reseed`` instead: what it must redo is give every request fresh random streams."""
+    calls ``reseed`` instead: what it must redo is give every request fresh random streams.
+    Should the warm-up ever leave a Python thread running, os.fork (and its hooks) is used."""
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        return os.fork()
     pid = _libc_fork()
     if pid < 0:
         err = ctypes.get_errno()
