@@ -248,3 +248,40 @@ def test_a_crash_in_evaluation_keeps_the_steps_metrics(tiny_model_dir, tmp_path,
     monkeypatch.undo()
     assert main(["train", "--resume", str(run), "--no-progress", "--no-report", "train.steps=3"]) == 0
     assert [r["step"] for r in _rows(run)] == [1, 2, 3]
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint_whole(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint is written aside and swapped in: a save that dies half-way (here: while
+    writing trainer.pt over an existing checkpoint) leaves the old one intact and consistent, and
+    --resume never picks the partial one."""
+    import torch
+
+    from tirl.run import find_checkpoint
+
+    cfg = load_config("demo", _overrides(tiny_model_dir, tmp_path, **{"train.save_every": 1}))
+    run = train(cfg, progress=False)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoint-1").iterdir()}
+    trainer = Trainer(cfg)
+    with torch.no_grad():  # weights that differ from the checkpoint's, so an overwrite would show
+        next(trainer.model.parameters()).add_(1.0)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **kw):
+        if str(f).endswith("trainer.pt"):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    from tirl.run import RunDir
+
+    with pytest.raises(OSError, match="simulated"):
+        RunDir(run).save_checkpoint(trainer.model, trainer.tok, {"step": 7, "resumable": True}, "checkpoint-1",
+                                    trainer.training_state())
+    trainer.close()
+    assert {p.name: p.read_bytes() for p in (run / "checkpoint-1").iterdir()} == before
+    assert (run / ".checkpoint-1.partial").is_dir()  # what was written before the failure
+    for later in ("checkpoint", "checkpoint-2"):  # step 2: the run's final checkpoints
+        (run / later / "trainer.pt").unlink()
+    (run / ".checkpoint-1.partial" / "trainer_state.json").write_text('{"step": 7, "resumable": true}')
+    (run / ".checkpoint-1.partial" / "trainer.pt").write_bytes(b"")  # even a partial one that looks whole...
+    assert find_checkpoint(run).name == "checkpoint-1"  # ...is never taken

@@ -5,13 +5,17 @@
       metrics.jsonl               one JSON object per step
       events.jsonl                start, checkpoints, errors
       trajectories/step_000001.jsonl
-      checkpoint/                 Hugging Face folder + trainer_state.json
+      checkpoint/                 Hugging Face folder + trainer_state.json (+ trainer.pt)
+
+A checkpoint is written whole into ``.<name>.partial`` and then swapped in, so a crash while saving
+leaves the previous one as it was.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,8 @@ def find_checkpoint(path: Path) -> Path:
         return path
     found = []
     for state_file in path.glob("*/trainer_state.json"):
+        if state_file.parent.name.startswith("."):  # a checkpoint being written or replaced
+            continue
         state = json.loads(state_file.read_text())
         if state.get("resumable", True) and (state_file.parent / "trainer.pt").is_file():
             found.append((state["step"], state_file.stat().st_mtime, state_file.parent))
@@ -142,12 +148,18 @@ class RunDir:
         and with both an exact resume is possible."""
         import torch
 
-        out = self.path / name
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        out, tmp, old = self.path / name, self.path / f".{name}.partial", self.path / f".{name}.old"
+        shutil.rmtree(tmp, ignore_errors=True)  # written whole, then swapped in: a crash while saving
+        model.save_pretrained(tmp)                # (over checkpoint-interrupted, say) never leaves new
+        tokenizer.save_pretrained(tmp)            # weights beside an old trainer_state.json
         if extra is not None:
-            torch.save(extra, out / "trainer.pt")
-        (out / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            torch.save(extra, tmp / "trainer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
         self.log_event("checkpoint", path=str(out), step=state.get("step"), resumable=state.get("resumable"))
         return out
 
