@@ -145,13 +145,15 @@ class RunDir:
                         extra: dict[str, Any] | None = None) -> Path:
         """The policy as a Hugging Face folder and ``trainer_state.json``; with ``extra`` (the
         optimizer, scheduler, critic, reference: ``Trainer.training_state``) also ``trainer.pt``,
-        and with both an exact resume is possible."""
+        and with both an exact resume is possible. Written whole beside ``name``, then swapped in: a
+        crash while saving (over checkpoint-interrupted, say) never leaves new weights beside an
+        old ``trainer_state.json``."""
         import torch
 
         out, tmp, old = self.path / name, self.path / f".{name}.partial", self.path / f".{name}.old"
-        shutil.rmtree(tmp, ignore_errors=True)  # written whole, then swapped in: a crash while saving
-        model.save_pretrained(tmp)                # (over checkpoint-interrupted, say) never leaves new
-        tokenizer.save_pretrained(tmp)            # weights beside an old trainer_state.json
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if extra is not None:
             torch.save(extra, tmp / "trainer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))

@@ -278,10 +278,11 @@ class ZygotePool:
                 os.chown(self._workroot, self.uid, self.uid)
             env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HOME": self._workroot, "MPLBACKEND": "Agg"})
             argv, cwd = [self.python, "-I", "-c", ZYGOTE_SOURCE, self._workroot, ""], self._workroot
+        lanes = [_Lane(argv, env, self.uid, cwd, MemoryCap.create(self.memory_mb)) for _ in range(n)]
         try:
-            self._launch([_Lane(argv, env, self.uid, cwd, MemoryCap.create(self.memory_mb)) for _ in range(n)])
+            self._launch(lanes)
         except SandboxStartError as e:
-            if all(lane.cap is None for lane in self._lanes):
+            if all(lane.cap is None for lane in lanes):
                 raise
             # e.g. a cgroup v2 hierarchy that refuses the move: better no cap (said loudly) than no sandbox
             self._announce("memcg-failed", f"the sandbox could not start inside a memory cgroup, so it runs "

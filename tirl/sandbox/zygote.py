@@ -12,8 +12,8 @@ response ``{"stdout", "stderr", "returncode", "timed_out", "truncated", "duratio
 
 Per request: fork (libc's, without Python's at-fork hooks: see ``raw_fork``); the child reseeds
 its random generators when the code uses one, makes itself a process-group leader, points fd
-0/1/2 at a stdin file (or /dev/null) and two pipes, closes every other fd, sets rlimits, loads the seccomp filter and execs the
-code. The zygote reads both pipes with a cap, stops at the child's exit (seen through a pidfd,
+0/1/2 at a stdin file (or /dev/null) and two pipes, closes every other fd, sets rlimits, loads
+the seccomp filter and execs the code. The zygote reads both pipes with a cap, stops at the child's exit (seen through a pidfd,
 not pipe EOF: a daemonised grandchild may hold the pipes) or at the deadline, then SIGKILLs
 every remaining descendant (it is a child subreaper, so orphans are re-parented to it), reaps
 them, and empties the work directory (and the private /tmp: nothing outlives a request).
