@@ -217,3 +217,46 @@ def test_async_and_lockstep_rollouts_agree_with_the_hf_engine_greedy(tiny, sandb
         check_invariants(b, tok)
         assert a.token_ids == b.token_ids and a.mask == b.mask
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_each_trajectory_gets_its_own_seed_on_engines_that_take_one_seed_recording_fake_engine(tiny):
+    """With a rollout seed, an engine that takes per-request seeds (vLLM) gets one seed per
+    trajectory — the same in lock-step and async, in every run, distinct between trajectories,
+    different for another rollout seed — and an engine that does not (HF) gets none."""
+    from fakes import DelayFakeSandbox, ScriptedFakeEngine
+
+    model, tok = tiny
+    eos = tok.eos_token
+    rows = [["```python\nprint(1)\n```", f"\\boxed{{1}}{eos}"], [f"\\boxed{{2}}{eos}"], [f"\\boxed{{3}}{eos}"]]
+
+    class SeedRecordingFakeEngine(ScriptedFakeEngine):
+        per_request_seeds = True
+
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.seen: dict[tuple[int, ...], list[int]] = {}
+
+        def generate(self, prompts, max_new_tokens, params, stop=None, seeds=None):
+            for p, s in zip(prompts, seeds):
+                self.seen.setdefault(self._row(p), []).append(s)
+            return super().generate(prompts, max_new_tokens, params, stop)
+
+        async def agenerate(self, prompt, max_new_tokens, params, stop=None, seed=None):
+            self.seen.setdefault(self._row(prompt), []).append(seed)
+            return super().generate([prompt], [max_new_tokens], params, stop)[0]
+
+    def seeds(mode, seed):
+        items, fake = _setup(tok, rows)
+        engine = SeedRecordingFakeEngine(tok, fake.scripts)
+        rollout(engine, tok, DelayFakeSandbox({}), items, SamplingParams(), RolloutLimits(max_tool_calls=2), mode=mode,
+                seed=seed)
+        return [engine.seen[tuple(it[2].token_ids)] for it in items]
+
+    lock, lock2, asyn, other = seeds("lockstep", 7), seeds("lockstep", 7), seeds("async", 7), seeds("lockstep", 8)
+    assert lock == lock2 == asyn and [len(s) for s in lock] == [2, 1, 1]
+    assert all(len(set(s)) == 1 for s in lock)  # one seed per trajectory, every turn
+    assert len({s[0] for s in lock}) == 3 and not {s[0] for s in lock} & {s[0] for s in other}
+
+    items, fake = _setup(tok, rows)  # no per_request_seeds: generate is called as before, without seeds
+    trajs, _ = rollout(fake, tok, DelayFakeSandbox({}), items, SamplingParams(), RolloutLimits(max_tool_calls=2), seed=7)
+    assert len(trajs) == 3

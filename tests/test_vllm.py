@@ -160,3 +160,35 @@ def test_trainer_keeps_a_vllm_engine_in_another_process_in_sync(tmp_path):
     finally:
         t.sandbox.close()
         t.verifier.close()
+
+
+def test_seeded_sampling_does_not_depend_on_tool_timing(engines):
+    """At temperature 1 with a rollout seed, each trajectory samples from its own generator: two
+    async rollouts whose tool calls take different times (so requests share vLLM's batches
+    differently) sample the same tokens; another seed samples others."""
+    import asyncio
+    import random
+
+    v, _, model, tok = engines
+    items = [(p, i, render_prompt(p, tok, "chat", "{problem}\nExplain your reasoning step by step, one short line per step.", ""))
+             for i, p in enumerate(arithmetic_problems(8, seed=11))]
+
+    class JitteredSandbox:  # the real pool, each call delayed by a random extra 0-0.4 s
+        def __init__(self, pool, jitter_seed):
+            self.pool, self.rng = pool, random.Random(jitter_seed)
+
+        async def arun(self, code, timeout=None):
+            await asyncio.sleep(self.rng.uniform(0.0, 0.4))
+            return await self.pool.arun(code, timeout)
+
+    def sample(seed, jitter_seed):
+        trajs, _ = rollout(v, tok, JitteredSandbox(sb, jitter_seed), items, SamplingParams(temperature=1.0),
+                           RolloutLimits(3, 40, 120), LINE, "async", seed=seed)
+        return trajs
+
+    with ZygotePool(lanes=2) as sb:
+        a, b, c = sample(5, 1), sample(5, 2), sample(6, 1)
+    assert sum(len(t.tool_calls) for t in a) >= 4, [len(t.tool_calls) for t in a]  # calls whose timing differed
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+    assert max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.logprobs, t.logprobs)) < 1e-3
+    assert [t.token_ids for t in a] != [t.token_ids for t in c]

@@ -30,6 +30,7 @@ from tirl.models import load_model
 from tirl.prompt import CODE_INTERPRETER_TOOL, render_prompt
 from tirl.reward import Verifier, check_terms, score
 from tirl.rollout import RolloutLimits, SamplingParams, resolve_mode, rollout
+from tirl.rollout.engine import derive_seed
 from tirl.rollout.protocol import get_protocol
 from tirl.rollout.hf_engine import HFEngine
 from tirl.run import RunDir, check_resumable
@@ -134,6 +135,7 @@ class Trainer:
         self.limits = RolloutLimits(r.max_tool_calls, r.max_tokens_per_turn, r.max_response_tokens,
                                     r.obs_head_chars, r.obs_tail_chars, s.timeout_s, s.replay_history, s.print_last_expr)
         self.state = TrainState()  # the step under way (its number seeds its sampling)
+        self._rollouts = 0  # rollouts so far in this step (each seeds its own sampling)
         self.done = TrainState()  # the last completed step: what a checkpoint resumes from
         self.mid_update = False  # weights or optimizer changed by a step that has not completed
 
@@ -146,8 +148,10 @@ class Trainer:
         tools = [CODE_INTERPRETER_TOOL] if cfg.rollout.protocol == "chat" else None
         prompts = [render_prompt(pr, self.tok, p.style, p.template, p.system, tools) for pr in problems]
         items = [(pr, g, prompts[g]) for g, pr in enumerate(problems) for _ in range(r.group_size * k)]
+        self._rollouts += 1  # a step may roll out more than once (dynamic sampling)
+        seed = derive_seed(cfg.train.seed, self.state.step, self._rollouts)
         trajs, times = rollout(self.engine, self.tok, self.sandbox, items, self.params, self.limits, self.protocol,
-                               resolve_mode(r.mode, self.engine))
+                               resolve_mode(r.mode, self.engine), seed)
         timing["generate"] += times.generate_s
         timing["tools"] += times.tools_s
         t0 = time.perf_counter()
@@ -184,6 +188,7 @@ class Trainer:
         cfg, r, a = self.cfg, self.cfg.rollout, self.cfg.algo
         self.state = TrainState(self.done.step + 1, self.done.data)
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.step)  # a step's samples depend on (seed, step)
+        self._rollouts = 0
         timing = {"generate": 0.0, "tools": 0.0, "reward": 0.0}
         groups, shaping = self._collect(timing)
         trajs = [t for g in groups for t in g]

@@ -23,6 +23,7 @@ from tirl.eval.scores import aggregate, problem_scores
 from tirl.prompt import CODE_INTERPRETER_TOOL, render_prompt
 from tirl.reward import Verifier, score
 from tirl.rollout import RolloutLimits, SamplingParams, resolve_mode, rollout
+from tirl.rollout.engine import derive_seed
 from tirl.rollout.protocol import get_protocol
 from tirl.rollout.hf_engine import HFEngine
 from tirl.sandbox import Sandbox
@@ -127,7 +128,7 @@ def evaluate(model, tok, cfg: Config, sandbox: Sandbox, verifier: Verifier, out_
         prompts = [render_prompt(p, tok, cfg.prompt.style, template, system, tools) for p in problems]
         items = [(p, i, prompts[i]) for i, p in enumerate(problems) for _ in range(e.n)]
         trajs, _ = rollout(engine, tok, sandbox, items, params, limits, get_protocol(r.protocol, tok),
-                           resolve_mode(r.mode, engine))
+                           resolve_mode(r.mode, engine), seed=derive_seed(e.seed, bench))
         score(trajs, cfg.reward, verifier)
         per_problem = []
         for i in range(len(problems)):

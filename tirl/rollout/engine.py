@@ -10,6 +10,7 @@ rollout passes the tool protocol's stop condition; engines that only support sto
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -22,6 +23,13 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A seed in [0, 2**63) from ``parts``, the same in every process (unlike ``hash``): the seed of
+    one trajectory's sampling from (rollout seed, trajectory index), of one request from (that
+    seed, its prompt length), and so on."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 @dataclass(frozen=True)

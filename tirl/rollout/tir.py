@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from tirl.prompt import Prompt
 from tirl.rollout import protocol as torl
 from tirl.rollout.protocol import TORL, MalformedToolCall, ToolProtocol
-from tirl.rollout.engine import AsyncEngine, BatchingAsyncEngine, Engine, SamplingParams
+from tirl.rollout.engine import AsyncEngine, BatchingAsyncEngine, Engine, SamplingParams, derive_seed
 from tirl.sandbox import Sandbox
 from tirl.types import ExecResult, Problem, Segment, ToolCall, Trajectory
 
@@ -47,11 +47,12 @@ class RolloutTimes:
 class _Builder:
     """A trajectory under construction; every append sets mask and log-probs for its tokens."""
 
-    def __init__(self, problem: Problem, group: int, prompt: Prompt):
+    def __init__(self, problem: Problem, group: int, prompt: Prompt, seed: int | None = None):
         n = len(prompt.token_ids)
         self.t = Trajectory(problem=problem, group=group, token_ids=list(prompt.token_ids), mask=[0] * n,
                             logprobs=[0.0] * n, prompt_len=n, segments=[Segment("prompt", prompt.text, 0, n)])
         self.done = False
+        self.seed = seed  # this trajectory's own sampling seed (engines with per-request seeds)
 
     @property
     def used(self) -> int:
@@ -102,6 +103,15 @@ class _Ctx:
     protocol: ToolProtocol
 
 
+def _builders(items: list[tuple[Problem, int, Prompt]], seed: int | None, engine) -> list[_Builder]:
+    """One builder per item; with a ``seed`` and an engine that takes per-request seeds (vLLM),
+    each trajectory samples from its own stream, derived from (seed, its index): the same tokens
+    whatever the batch or the timing of tool calls. (The HF engine samples from torch's global
+    generator, which the trainer seeds per step; its lock-step batches make that reproducible.)"""
+    own = seed is not None and getattr(engine, "per_request_seeds", False)
+    return [_Builder(p, g, pr, derive_seed(seed, i) if own else None) for i, (p, g, pr) in enumerate(items)]
+
+
 def resolve_mode(mode: str, engine) -> str:
     """``auto``: async for an engine with continuous batching (vLLM), lock-step otherwise — a
     static-batch engine gains little from async turns, and lock-step keeps its sampling
@@ -120,18 +130,20 @@ def rollout(
     limits: RolloutLimits,
     protocol: ToolProtocol = TORL,
     mode: str = "lockstep",
+    seed: int | None = None,
 ) -> tuple[list[Trajectory], RolloutTimes]:
     """Sample one trajectory per ``(problem, group, prompt)`` item, with ``protocol``'s tool format.
 
     ``mode="lockstep"``: turns over the whole batch (generate all, then run all their code).
     ``mode="async"``: one coroutine per trajectory (:func:`rollout_async`). Same trajectories
-    either way; only the order in which the engine sees requests differs."""
+    either way; only the order in which the engine sees requests differs. ``seed``: see
+    :func:`_builders`."""
     if mode == "async":
-        return asyncio.run(rollout_async(engine, tokenizer, sandbox, items, params, limits, protocol))
+        return asyncio.run(rollout_async(engine, tokenizer, sandbox, items, params, limits, protocol, seed))
     if mode != "lockstep":
         raise ValueError(f"unknown rollout mode {mode!r}; use 'lockstep' or 'async'")
     ctx = _Ctx(tokenizer, sandbox, params, limits, protocol)
-    builders = [_Builder(p, g, pr) for p, g, pr in items]
+    builders = _builders(items, seed, engine)
     clock = _Clock()
     with _sessions(engine, builders) as sessions:
         for turn in range(limits.max_tool_calls + 1):
@@ -140,6 +152,8 @@ def rollout(
                 break
             stop = protocol.stop if turn < limits.max_tool_calls else None
             kw = {"sessions": active} if sessions else {}
+            if builders[0].seed is not None:
+                kw["seeds"] = [b.seed for b in active]
             with clock.span("gen"):
                 gens = engine.generate([b.t.token_ids for b in active], [_budget(b, limits) for b in active], params,
                                        stop, **kw)
@@ -176,13 +190,14 @@ async def rollout_async(
     params: SamplingParams,
     limits: RolloutLimits,
     protocol: ToolProtocol = TORL,
+    seed: int | None = None,
 ) -> tuple[list[Trajectory], RolloutTimes]:
     """One coroutine per trajectory: while one waits for the sandbox, the others keep generating.
     Each turn continues from the exact token ids so far. An engine without ``agenerate`` is
-    wrapped in :class:`BatchingAsyncEngine`."""
+    wrapped in :class:`BatchingAsyncEngine`. ``seed``: see :func:`_builders`."""
     aengine = engine if hasattr(engine, "agenerate") else BatchingAsyncEngine(engine)  # type: ignore[arg-type]
     ctx = _Ctx(tokenizer, sandbox, params, limits, protocol)
-    builders = [_Builder(p, g, pr) for p, g, pr in items]
+    builders = _builders(items, seed, aengine)
     clock = _Clock()
     with _sessions(aengine, builders) as sessions:
         await asyncio.gather(*(_one_trajectory(aengine, b, ctx, clock, sessions) for b in builders))
@@ -194,6 +209,8 @@ async def rollout_async(
 async def _one_trajectory(engine: AsyncEngine, b: _Builder, ctx: _Ctx, clock: _Clock, session: bool = False) -> None:
     limits = ctx.limits
     kw = {"session": b} if session else {}
+    if b.seed is not None:
+        kw["seed"] = b.seed
     try:
         for turn in range(limits.max_tool_calls + 1):
             stop = ctx.protocol.stop if turn < limits.max_tool_calls else None

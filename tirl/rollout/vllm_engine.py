@@ -31,7 +31,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from tirl.rollout.engine import Generation, SamplingParams, StopCondition
+from tirl.rollout.engine import Generation, SamplingParams, StopCondition, derive_seed
+
+
+def _request_seed(seed: int | None, prompt_len: int) -> int | None:
+    return None if seed is None else derive_seed(seed, prompt_len)
 
 
 @dataclass
@@ -53,6 +57,8 @@ class _Session:
 
 
 class VLLMEngine:
+    per_request_seeds = True  # a request may carry its own seed (vLLM: a torch.Generator per request)
+
     def __init__(self, model_path: str, dtype: str = "bfloat16", memory_fraction: float = 0.2,
                  max_model_len: int = 4096, seed: int = 0, kv_cache_gb: int | None = None, in_process: bool = True,
                  block_size: int | None = None, max_num_seqs: int | None = None, sessions: bool = True):
@@ -103,7 +109,8 @@ class VLLMEngine:
             raise RuntimeError("sessions are open: release them (end the rollout) before switching")
         self._use_sessions = bool(on)
 
-    def _params(self, params: SamplingParams, max_tokens: int, stop: StopCondition | None, session: bool = False):
+    def _params(self, params: SamplingParams, max_tokens: int, stop: StopCondition | None, session: bool = False,
+                seed: int | None = None):
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
@@ -111,16 +118,20 @@ class VLLMEngine:
         return VSP(temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
                    top_k=0 if greedy or not params.top_k else params.top_k, max_tokens=max_tokens, logprobs=0,
                    stop=list(stop.strings) if stop and not session else None, include_stop_str_in_output=True,
-                   output_kind=RequestOutputKind.DELTA if session else RequestOutputKind.FINAL_ONLY)
+                   output_kind=RequestOutputKind.DELTA if session else RequestOutputKind.FINAL_ONLY,
+                   seed=None if greedy else seed)
 
     def generate(self, prompts, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None,
-                 sessions: list | None = None) -> list[Generation]:
+                 sessions: list | None = None, seeds: list[int] | None = None) -> list[Generation]:
         """Batched and blocking: the same requests as :meth:`agenerate`, all submitted at once.
-        ``sessions[i]`` keys row ``i``'s session (kept until :meth:`release`); None: no sessions."""
+        ``sessions[i]`` keys row ``i``'s session (kept until :meth:`release`); None: no sessions.
+        ``seeds[i]``: row ``i``'s own sampling seed (see :meth:`agenerate`)."""
         keys = sessions if sessions is not None else [None] * len(prompts)
+        seeds = seeds if seeds is not None else [None] * len(prompts)
 
         async def _all():
-            out = await asyncio.gather(*(self.agenerate(p, n, params, stop, k) for p, n, k in zip(prompts, max_new_tokens, keys)))
+            out = await asyncio.gather(*(self.agenerate(p, n, params, stop, k, s)
+                                         for p, n, k, s in zip(prompts, max_new_tokens, keys, seeds)))
             await self.drain()
             return out
 
@@ -132,21 +143,28 @@ class VLLMEngine:
             await self._driver
 
     async def agenerate(self, prompt, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None,
-                        session: object | None = None) -> Generation:
+                        session: object | None = None, seed: int | None = None) -> Generation:
         """One continuation, awaited; requests from many coroutines share the engine's running
         batch (continuous batching). With a ``session`` key (one per trajectory) the request and
         its KV cache stay in vLLM between calls until :meth:`release`; the next call's prompt must
         extend the ids so far (otherwise a fresh request starts). Without one, a stop string that
-        is not yet a real trigger is continued from the exact ids so far (prefix-cached)."""
+        is not yet a real trigger is continued from the exact ids so far (prefix-cached).
+
+        ``seed`` (the trajectory's): each new vLLM request samples from its own generator seeded
+        with (seed, its prompt length), so what it samples does not depend on which other requests
+        share the batch or when they arrived. A session keeps its generator across turns; a session
+        that gives its slot up (more trajectories than ``max_num_seqs``) restarts from a new one."""
         if session is not None and self.sessions:
             fut = asyncio.get_running_loop().create_future()
-            self._session_turn(session, list(prompt), self._params(params, max_new_tokens, None, True), fut, stop)
+            sp = self._params(params, max_new_tokens, None, True, _request_seed(seed, len(prompt)))
+            self._session_turn(session, list(prompt), sp, fut, stop)
             self._ensure_driver()
             return await fut
         ids: list[int] = []
         lps: list[float] = []
         while True:
-            o = (await self._submit(list(prompt) + ids, self._params(params, max_new_tokens - len(ids), stop))).outputs[0]
+            sp = self._params(params, max_new_tokens - len(ids), stop, seed=_request_seed(seed, len(prompt) + len(ids)))
+            o = (await self._submit(list(prompt) + ids, sp)).outputs[0]
             ids += list(o.token_ids)
             lps += [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)]
             if stop is not None and stop.find(self.tok.decode(ids)) is not None:
