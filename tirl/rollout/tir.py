@@ -108,8 +108,12 @@ def _builders(items: list[tuple[Problem, int, Prompt]], seed: int | None, engine
     each trajectory samples from its own stream, derived from (seed, its index): the same tokens
     whatever the batch or the timing of tool calls. (The HF engine samples from torch's global
     generator, which the trainer seeds per step; its lock-step batches make that reproducible.)"""
-    own = seed is not None and getattr(engine, "per_request_seeds", False)
+    own = _own_seeds(seed, engine)
     return [_Builder(p, g, pr, derive_seed(seed, i) if own else None) for i, (p, g, pr) in enumerate(items)]
+
+
+def _own_seeds(seed: int | None, engine) -> bool:
+    return seed is not None and getattr(engine, "per_request_seeds", False)
 
 
 def resolve_mode(mode: str, engine) -> str:
@@ -144,7 +148,7 @@ def rollout(
         raise ValueError(f"unknown rollout mode {mode!r}; use 'lockstep' or 'async'")
     ctx = _Ctx(tokenizer, sandbox, params, limits, protocol)
     builders = _builders(items, seed, engine)
-    clock = _Clock()
+    clock, seeded = _Clock(), _own_seeds(seed, engine)
     with _sessions(engine, builders) as sessions:
         for turn in range(limits.max_tool_calls + 1):
             active = [b for b in builders if not b.done]
@@ -152,7 +156,7 @@ def rollout(
                 break
             stop = protocol.stop if turn < limits.max_tool_calls else None
             kw = {"sessions": active} if sessions else {}
-            if builders[0].seed is not None:
+            if seeded:
                 kw["seeds"] = [b.seed for b in active]
             with clock.span("gen"):
                 gens = engine.generate([b.t.token_ids for b in active], [_budget(b, limits) for b in active], params,

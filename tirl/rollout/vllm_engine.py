@@ -34,10 +34,6 @@ from dataclasses import dataclass, field
 from tirl.rollout.engine import Generation, SamplingParams, StopCondition, derive_seed
 
 
-def _request_seed(seed: int | None, prompt_len: int) -> int | None:
-    return None if seed is None else derive_seed(seed, prompt_len)
-
-
 @dataclass
 class _Session:
     """One trajectory's vLLM request, kept across its turns."""
@@ -110,7 +106,9 @@ class VLLMEngine:
         self._use_sessions = bool(on)
 
     def _params(self, params: SamplingParams, max_tokens: int, stop: StopCondition | None, session: bool = False,
-                seed: int | None = None):
+                seed: int | None = None, prompt_len: int = 0):
+        """vLLM's sampling parameters for one request; its seed is derived from the trajectory's
+        ``seed`` and the request's ``prompt_len`` (each request of a trajectory its own stream)."""
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
@@ -119,7 +117,7 @@ class VLLMEngine:
                    top_k=0 if greedy or not params.top_k else params.top_k, max_tokens=max_tokens, logprobs=0,
                    stop=list(stop.strings) if stop and not session else None, include_stop_str_in_output=True,
                    output_kind=RequestOutputKind.DELTA if session else RequestOutputKind.FINAL_ONLY,
-                   seed=None if greedy else seed)
+                   seed=None if greedy or seed is None else derive_seed(seed, prompt_len))
 
     def generate(self, prompts, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None,
                  sessions: list | None = None, seeds: list[int] | None = None) -> list[Generation]:
@@ -156,14 +154,14 @@ class VLLMEngine:
         that gives its slot up (more trajectories than ``max_num_seqs``) restarts from a new one."""
         if session is not None and self.sessions:
             fut = asyncio.get_running_loop().create_future()
-            sp = self._params(params, max_new_tokens, None, True, _request_seed(seed, len(prompt)))
+            sp = self._params(params, max_new_tokens, None, True, seed, len(prompt))
             self._session_turn(session, list(prompt), sp, fut, stop)
             self._ensure_driver()
             return await fut
         ids: list[int] = []
         lps: list[float] = []
         while True:
-            sp = self._params(params, max_new_tokens - len(ids), stop, seed=_request_seed(seed, len(prompt) + len(ids)))
+            sp = self._params(params, max_new_tokens - len(ids), stop, seed=seed, prompt_len=len(prompt) + len(ids))
             o = (await self._submit(list(prompt) + ids, sp)).outputs[0]
             ids += list(o.token_ids)
             lps += [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)]
