@@ -162,6 +162,36 @@ def test_trainer_keeps_a_vllm_engine_in_another_process_in_sync(tmp_path):
         t.verifier.close()
 
 
+def test_a_bfloat16_engine_follows_a_float32_trainer():
+    """``rollout.vllm_dtype = "bfloat16"`` under a float32 trainer: the engine runs in bfloat16 and
+    every sync casts the trainer's new weights (in memory, then by path): its log-probs follow the
+    moved weights to bfloat16's precision, not the weights it had before."""
+    from tirl.config import load_config
+    from tirl.train import make_engine
+
+    model, tok = load_model(str(embedded_model_dir("smollm2-135m-instruct")))  # float32
+    engine = make_engine(load_config("demo", ["rollout.engine=vllm", "rollout.vllm_dtype=bfloat16"]), model, tok)
+    assert engine.llm.llm_engine.model_config.dtype == torch.bfloat16
+    prompt = tok("What is 12 * 34?")["input_ids"]
+    for via in ("memory", "disk"):
+        old = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)  # an update moved the weights
+        engine.load_weights(model, via)
+        (g,) = engine.generate([prompt], [24], SamplingParams(temperature=0.0))
+        ids = torch.tensor([prompt + g.token_ids])
+        lp_new = token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt):]
+        new = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(old)
+        lp_old = token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt):]
+        model.load_state_dict(new)
+        err_new = (lp_new - torch.tensor(g.logprobs)).abs().mean().item()
+        err_old = (lp_old - torch.tensor(g.logprobs)).abs().mean().item()
+        print(f"{via}: |trainer - engine| {err_new:.4f} nats/token after the sync, {err_old:.4f} against the weights before")
+        assert err_new < 0.1 and err_new < err_old / 5, (via, err_new, err_old)
+
+
 def test_seeded_sampling_does_not_depend_on_tool_timing(engines):
     """At temperature 1 with a rollout seed, each trajectory samples from its own generator: two
     async rollouts whose tool calls take different times (so requests share vLLM's batches

@@ -61,7 +61,8 @@ def make_engine(cfg: Config, model, tok):
         try:
             from tirl.rollout.vllm_engine import VLLMEngine
 
-            engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.cache_dir), dtype=cfg.model.dtype,
+            dtype = cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype
+            engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.cache_dir), dtype=dtype,
                                 memory_fraction=r.vllm_memory_fraction, max_model_len=4096, seed=cfg.train.seed,
                                 kv_cache_gb=r.vllm_kv_cache_gb, in_process=r.vllm_in_process,
                                 block_size=r.vllm_block_size, max_num_seqs=r.vllm_max_num_seqs,
