@@ -53,8 +53,10 @@ class VariedLines(ToolProtocol):
 
     def find_stop(self, text: str) -> int | None:
         ends = [i + 1 for i, c in enumerate(text) if c == "\n"]
-        k = self.lines(text) if ends else 0
-        return ends[k - 1] if ends and len(ends) >= k else None
+        if not ends:
+            return None
+        k = self.lines(text)
+        return ends[k - 1] if len(ends) >= k else None
 
     def extract_code(self, turn_text: str) -> str | None:
         end = self.find_stop(turn_text)
@@ -194,6 +196,7 @@ def main() -> None:
           f"tokens, {calls} tool calls ({args.lines_per_call} line(s) each, <= {args.calls} per trajectory, <= "
           f"{args.turn_tokens} tokens per turn), {inserted} inserted output tokens; "
           f"latency log-normal, sigma {args.sigma:g}, sandbox workers {args.sandbox_workers or 'unlimited'}; vLLM max_num_seqs {args.max_seqs or 'default'}")
+
     def same(trajs) -> str:  # greedy in bf16 can flip a token when the batch differs: then say how much changed
         if [t.token_ids for t in trajs] == [t.token_ids for t in ref]:
             return "yes"
