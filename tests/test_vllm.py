@@ -165,7 +165,22 @@ def test_trainer_keeps_a_vllm_engine_in_another_process_in_sync(tmp_path):
 def test_a_bfloat16_engine_follows_a_float32_trainer():
     """``rollout.vllm_dtype = "bfloat16"`` under a float32 trainer: the engine runs in bfloat16 and
     every sync casts the trainer's new weights (in memory, then by path): its log-probs follow the
-    moved weights to bfloat16's precision, not the weights it had before."""
+    moved weights to bfloat16's precision, not the weights it had before. Runs in a fresh Python:
+    a second in-process vLLM engine tears down vLLM's process-wide parallel state when it is freed,
+    which the module's shared engine still needs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", "import test_vllm; test_vllm._bf16_engine_follows_fp32_trainer()"],
+                       cwd=here, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(r.stdout)
+
+
+def _bf16_engine_follows_fp32_trainer() -> None:
     from tirl.config import load_config
     from tirl.train import make_engine
 
