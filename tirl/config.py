@@ -102,8 +102,10 @@ class RolloutConfig(_Strict):
     """vLLM's gpu_memory_utilization (on CPU: the share of host memory it may reserve)."""
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The rollout engine's weights and compute (``auto``: the trainer's ``model.dtype``). bfloat16
-    sampled ~1.7x faster than float32 on a 2-core CPU with avx512_bf16 (benchmarks/RESULTS.md); the
-    trainer's weights are cast at every sync. The samples then come from the cast weights: the
+    sampled ~1.7x faster than float32 at batch 32-128 on a 2-core CPU with avx512_bf16, but the
+    mini-retool demo ran no faster end to end (800 vs 727 s) and its 135M model lost accuracy in
+    bfloat16 (held-out 0.59 vs 0.84 after SFT; benchmarks/RESULTS.md); the trainer's weights are
+    cast at every sync. The samples then come from the cast weights: the
     gap is logged every step (``update/logprob_mismatch``); with ``algo.ratio_against = "recompute"``
     (the default) the ratio is taken against the trainer's own log-probs, and no importance
     correction for the gap is applied."""
