@@ -129,15 +129,25 @@ def test_weights_sync_after_an_update(engines, via):
     """After the weights move, vLLM's log-probs of its own greedy continuation equal the trainer's,
     whether the tensors are handed over in memory or through a checkpoint path (the cross-process route)."""
     v, _, model, tok = engines
+    ids, n, lp_engine = _move_and_sync(v, model, tok, via)
+    assert torch.allclose(_trainer_logprobs(model, ids, n), lp_engine, atol=1e-3)  # the engine samples from the new weights
+
+
+def _move_and_sync(engine, model, tok, via: str):
+    """Move the trainer's weights (as an optimizer step would) and sync them to ``engine``; returns
+    the ids of a fixed prompt + the engine's greedy continuation [1, T], the prompt's length, and
+    the engine's log-probs of the continuation [T - n]."""
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)  # stands in for an optimizer step: the weights moved
-    v.load_weights(model, via)
+            p.add_(torch.randn_like(p) * 0.02)
+    engine.load_weights(model, via)
     prompt = tok("What is 12 * 34?")["input_ids"]
-    (g,) = v.generate([prompt], [24], SamplingParams(temperature=0.0))
-    ids = torch.tensor([prompt + g.token_ids])
-    lp = token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt):]
-    assert torch.allclose(lp, torch.tensor(g.logprobs), atol=1e-3)  # the engine samples from the new weights
+    (g,) = engine.generate([prompt], [24], SamplingParams(temperature=0.0))
+    return torch.tensor([prompt + g.token_ids]), len(prompt), torch.tensor(g.logprobs)
+
+
+def _trainer_logprobs(model, ids, n: int):
+    return token_logprobs(model, ids, torch.ones_like(ids))[0, n:]
 
 
 def test_trainer_keeps_a_vllm_engine_in_another_process_in_sync(tmp_path):
@@ -187,22 +197,16 @@ def _bf16_engine_follows_fp32_trainer() -> None:
     model, tok = load_model(str(embedded_model_dir("smollm2-135m-instruct")))  # float32
     engine = make_engine(load_config("demo", ["rollout.engine=vllm", "rollout.vllm_dtype=bfloat16"]), model, tok)
     assert engine.llm.llm_engine.model_config.dtype == torch.bfloat16
-    prompt = tok("What is 12 * 34?")["input_ids"]
     for via in ("memory", "disk"):
         old = {k: v.clone() for k, v in model.state_dict().items()}
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)  # an update moved the weights
-        engine.load_weights(model, via)
-        (g,) = engine.generate([prompt], [24], SamplingParams(temperature=0.0))
-        ids = torch.tensor([prompt + g.token_ids])
-        lp_new = token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt):]
+        ids, n, lp_engine = _move_and_sync(engine, model, tok, via)
+        lp_new = _trainer_logprobs(model, ids, n)
         new = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(old)
-        lp_old = token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt):]
+        lp_old = _trainer_logprobs(model, ids, n)
         model.load_state_dict(new)
-        err_new = (lp_new - torch.tensor(g.logprobs)).abs().mean().item()
-        err_old = (lp_old - torch.tensor(g.logprobs)).abs().mean().item()
+        err_new = (lp_new - lp_engine).abs().mean().item()
+        err_old = (lp_old - lp_engine).abs().mean().item()
         print(f"{via}: |trainer - engine| {err_new:.4f} nats/token after the sync, {err_old:.4f} against the weights before")
         assert err_new < 0.1 and err_new < err_old / 5, (via, err_new, err_old)
 

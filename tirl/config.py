@@ -104,11 +104,10 @@ class RolloutConfig(_Strict):
     """The rollout engine's weights and compute (``auto``: the trainer's ``model.dtype``). bfloat16
     sampled ~1.7x faster than float32 at batch 32-128 on a 2-core CPU with avx512_bf16, but the
     mini-retool demo ran no faster end to end (800 vs 727 s) and its 135M model lost accuracy in
-    bfloat16 (held-out 0.59 vs 0.84 after SFT; benchmarks/RESULTS.md); the trainer's weights are
-    cast at every sync. The samples then come from the cast weights: the
-    gap is logged every step (``update/logprob_mismatch``); with ``algo.ratio_against = "recompute"``
-    (the default) the ratio is taken against the trainer's own log-probs, and no importance
-    correction for the gap is applied."""
+    bfloat16 (held-out 0.59 vs 0.84 after SFT; benchmarks/RESULTS.md). The trainer's weights are
+    cast at every sync and the samples come from the cast weights: the gap is logged every step
+    (``update/logprob_mismatch``); with ``algo.ratio_against = "recompute"`` (the default) the ratio
+    is taken against the trainer's own log-probs, and no importance correction for the gap is applied."""
     vllm_kv_cache_gb: int | None = Field(default=2, ge=1)
     """On CPU: VLLM_CPU_KVCACHE_SPACE in GiB (None: vLLM's default)."""
     vllm_block_size: int | None = Field(default=None, ge=1)
