@@ -40,6 +40,35 @@ def test_policy_gradients_match_the_cpu(tiny_model_dir, algo):
 
 
 @cuda
+def test_hf_engine_generates_on_the_gpu(tiny_model_dir):
+    """The HF engine on a CUDA model: greedy tokens equal the CPU's, sampled log-probs equal a
+    forward pass on the GPU, and the stop condition cuts each row (its distributions live on the
+    GPU while the returned tokens come back to the CPU)."""
+    from tirl.update import token_logprobs
+    from tirl.rollout.engine import SamplingParams, StopCondition
+    from tirl.rollout.hf_engine import HFEngine
+
+    cpu_model, tok = load_model(str(tiny_model_dir))
+    gpu_model = copy.deepcopy(cpu_model).to("cuda")
+    prompts = [tok("What is 12 * 34?")["input_ids"], tok("def f(x):")["input_ids"], tok("print")["input_ids"]]
+    greedy = SamplingParams(temperature=0.0)
+    on_cpu = HFEngine(cpu_model, tok, batch_size=4).generate(prompts, [12, 7, 12], greedy)
+    on_gpu = HFEngine(gpu_model, tok, batch_size=4).generate(prompts, [12, 7, 12], greedy)
+    for c, g in zip(on_cpu, on_gpu):
+        assert c.token_ids == g.token_ids and c.finish_reason == g.finish_reason
+        assert g.logprobs == pytest.approx(c.logprobs, abs=1e-4)
+    torch.manual_seed(0)
+    stop = StopCondition(find=lambda text: (text.index("1") + 1) if "1" in text else None)
+    gens = HFEngine(gpu_model, tok, batch_size=4).generate(prompts * 3, [24] * 9, SamplingParams(temperature=0.7), stop)
+    assert any(g.finish_reason == "tool" for g in gens)
+    for p, g in zip(prompts * 3, gens):
+        assert ("1" in tok.decode(g.token_ids)) == (g.finish_reason == "tool")
+        ids = torch.tensor([p + g.token_ids], device="cuda")
+        lp = token_logprobs(gpu_model, ids, torch.ones_like(ids), 0.7)[0, len(p):]
+        assert torch.allclose(lp.cpu(), torch.tensor(g.logprobs), atol=1e-4)
+
+
+@cuda
 def test_critic_and_sft_steps_match_the_cpu(tiny_model_dir):
     from tirl.sft import SFTExample, sft_step
     from tirl.update.critic import ValueModel, critic_update, critic_values
@@ -63,7 +92,14 @@ def test_critic_and_sft_steps_match_the_cpu(tiny_model_dir):
 
 @cuda
 def test_training_runs_on_the_gpu(tiny_model_dir, tmp_path):
+    from tirl.reward import register_term
     from tirl.train import Trainer
+
+    calls = iter(range(10**6))
+
+    @register_term("gpu_alternating")
+    def _alternating(traj, cfg):  # stand-in reward for this test: alternates, so every group has signal
+        return 1.0 if next(calls) % 2 else -1.0
 
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
@@ -72,7 +108,8 @@ def test_training_runs_on_the_gpu(tiny_model_dir, tmp_path):
                                f"train.output_dir={json.dumps(str(tmp_path / 'runs'))}", "rollout.engine=\"hf\"",
                                "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_tokens_per_turn=24",
                                "rollout.max_response_tokens=48", "rollout.temperature=1.0", "optim.lr=1e-3",
-                               "algo.kl_coef=0.01", "model.device=\"auto\""])
+                               "algo.kl_coef=0.01", "model.device=\"auto\"",
+                               "reward.terms={gpu_alternating = 1.0, correct = 0.0}"])
     t = Trainer(cfg)
     try:
         assert t.model.device.type == "cuda" and t.ref_model is not None and next(t.ref_model.parameters()).is_cuda

@@ -124,8 +124,9 @@ class HFEngine:
             )
         finally:
             self.model.train(was_training)
-        new = seqs[:, width:].cpu()
+        new = seqs[:, width:]  # on the model's device, as the recorder's distributions are
         logprobs = recorder.finish(new[:, -1], new.shape[1]).cpu()  # max_new_tokens >= 1
+        new = new.cpu()
         gens = []
         for i, budget in enumerate(budgets):
             row = new[i, :budget].tolist()
