@@ -81,6 +81,10 @@ def test_entropy_matches_softmax(tiny):
     with torch.no_grad():
         p = torch.softmax(model(input_ids=ids).logits[0, :-1].float() / 0.7, -1)
     assert torch.allclose(ent[0, 1:], -(p * p.log()).sum(-1), atol=1e-4)
+    assert ent.requires_grad  # the entropy bonus backpropagates through it
+    logp2, metric = token_logprobs(model, ids, torch.ones_like(ids), 0.7, with_entropy=True, entropy_grad=False)
+    assert logp2.requires_grad and not metric.requires_grad  # a metric: no [B, T, V] graph kept alive
+    assert torch.equal(metric, ent.detach()) and torch.equal(logp2, logp)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])

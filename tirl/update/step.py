@@ -125,7 +125,8 @@ def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, 
         idx = rows[c : c + optim.micro_batch_size]
         mb = collate([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id,
                      [old[i] for i in idx] if old else None, [ref[i] for i in idx] if ref else None, device_of(model))
-        logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True)
+        logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True,
+                                   entropy_grad=algo.entropy_coef > 0)
         old_lp = logp.detach() if on_policy else mb.old_logprobs
         loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c)
         m = mb.loss_mask
