@@ -14,3 +14,39 @@ def test_update_bench_runs_and_prints_both_rows():
     rows = [line for line in out.stdout.splitlines() if line.startswith(("| bare NLL", "| tirl"))]
     assert len(rows) == 2 and rows[0].rstrip().endswith("1.00x |"), out.stdout
     assert all(float(r.split("|")[3]) > 0 for r in rows)  # tokens/s
+
+
+def _load(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_async_bench_line_protocols():
+    """The async bench's stand-in tool protocols: a call every k lines, or every k lines with k drawn
+    per turn from a hash of its first line (the same k in every schedule)."""
+    bench = _load("async_bench")
+    two = bench.make_protocol("2")
+    assert two.find_stop("a = 1\n") is None
+    assert two.find_stop("a = 1\nb = 2\nc") == len("a = 1\nb = 2\n")
+    assert two.extract_code("a = 1\nb = 2\n") == "a = 1\nb = 2"
+    varied = bench.make_protocol("1-4")
+    seen = set()
+    for i in range(200):
+        first = f"x{i} = {i * i}"
+        k = varied.lines(first + "\nrest")
+        assert 1 <= k <= 4 and varied.lines(first) == k  # a function of the first line alone
+        seen.add(k)
+        lines = [first] + [f"y{j}" for j in range(5)]
+        for n in range(len(lines) + 1):
+            text = "".join(line + "\n" for line in lines[:n])
+            want = len("".join(line + "\n" for line in lines[:k])) if n >= k else None
+            assert varied.find_stop(text) == want
+        turn = "".join(line + "\n" for line in lines[:k])
+        assert varied.extract_code(turn) == turn[:-1]
+        assert varied.insertion(turn, "ok") == "```output\nok\n```\n"
+    assert seen == {1, 2, 3, 4}
