@@ -1,4 +1,5 @@
-"""The benchmark scripts run (as scripts: benchmarks/ is not a package) on a tiny shape."""
+"""The benchmark scripts (benchmarks/ is not a package): the update bench runs on a tiny shape; the
+async bench's stand-in tool protocols do what its docstring says."""
 
 import subprocess
 import sys
