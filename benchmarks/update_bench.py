@@ -1,7 +1,7 @@
 """Trainer throughput: tirl's policy update vs a bare masked-NLL training step, same model, same
 batch, same optimizer, same run.
 
-    .venv/bin/python benchmarks/update_bench.py [--shape qwen2.5-0.5b] [--dtype bfloat16] [--device auto]
+    .venv/bin/python benchmarks/update_bench.py [--shape qwen2.5-0.5b] [--dtype bfloat16] [--compute-dtype auto] [--device auto]
         [--batch 16] [--seq 1024] [--micro 4] [--steps 3] [--entropy-coef 0]
 
 The model is randomly initialised with a real configuration (no weights are downloaded); the
@@ -69,6 +69,7 @@ def bare_step(model, optimizer, trajs, micro: int, grad_clip: float) -> None:
     causal-LM loss (``labels``, -100 where the mask is 0, normalised over the whole batch)."""
     import torch
 
+    from tirl.models import compute_context
     from tirl.update.step import device_of, pad_tokens
 
     total = sum(sum(t.mask) for t in trajs)
@@ -77,7 +78,9 @@ def bare_step(model, optimizer, trajs, micro: int, grad_clip: float) -> None:
         part = trajs[c : c + micro]
         ids, attn, mask = pad_tokens([t.token_ids for t in part], [t.mask for t in part], 0, device_of(model))
         labels = ids.masked_fill(mask == 0, -100)
-        model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=total).loss.backward()
+        with compute_context(model):
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=total).loss
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -101,7 +104,9 @@ def _time(fn, steps: int, device) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and AdamW state")
+    ap.add_argument("--compute-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                    help="forward/backward (auto: --dtype; float32 weights + bfloat16: mixed precision)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=16, help="trajectories per update")
     ap.add_argument("--seq", type=int, default=1024, help="tokens per trajectory")
@@ -114,11 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from tirl.config import AlgoConfig, OptimConfig
-    from tirl.models import resolve_device
+    from tirl.models import resolve_device, set_compute_dtype
     from tirl.update import policy_update
 
     device = torch.device(resolve_device(args.device))
     model = build_model(args.shape, getattr(torch, args.dtype), device)
+    compute = args.dtype if args.compute_dtype == "auto" else args.compute_dtype
+    set_compute_dtype(model, compute)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
     trajs, adv = make_batch(args.batch, args.seq, SHAPES[args.shape]["vocab_size"])
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((name, wall, args.batch * args.seq / wall, peak))
         del opt
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.shape} ({n_params / 1e6:.0f}M params, {args.dtype}) on {device}"
+    print(f"{args.shape} ({n_params / 1e6:.0f}M params, {args.dtype} weights, {compute} compute) on {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}: "
           f"{args.batch} x {args.seq} tokens, micro-batch {args.micro}, entropy_coef {args.entropy_coef}"
           f"{', gradient checkpointing' if args.grad_ckpt else ''}")

@@ -164,7 +164,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise TirlError("eval.n > 1 needs sampling: pass --temperature (ReTool evaluates at 1.0)")
     _quiet_libraries()
     out = Path(args.out or f"runs/eval-{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device, cfg.model.compute)
     with make_sandbox(cfg.sandbox) as sandbox, Verifier(cfg.reward.verifier_workers, cfg.reward.verifier_timeout_s) as ver:
         results = evaluate(model, tok, cfg, sandbox, ver, out)
     print(format_table(results))

@@ -26,7 +26,12 @@ class ModelConfig(_Strict):
     name: str = "smollm2-135m-instruct"
     """An embedded model name, a local Hugging Face folder, or a hub id (where a hub is reachable)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights and optimizer dtype. float32 is the safe default for small learning rates."""
+    """Weights, gradients and optimizer state. float32 is the safe default for small learning rates:
+    a bfloat16 weight rounds an AdamW step of lr 1e-6 away."""
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Forward and backward passes (``auto``: ``dtype``). ``dtype = "float32"`` with ``compute_dtype =
+    "bfloat16"`` is mixed precision as in verl's actor: float32 master weights, bfloat16 matmuls
+    (``torch.autocast``), for the trainer, the reference, the critic, SFT and the Hugging Face engine."""
     cache_dir: str | None = None
     """Where embedded models are converted to; default ``$TIRL_CACHE_DIR`` or ``~/.cache/tirl``."""
     gradient_checkpointing: bool = False
@@ -34,6 +39,18 @@ class ModelConfig(_Strict):
     """Where the policy (and reference, critic) train and the Hugging Face engine generates:
     ``auto`` (the first CUDA GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     vLLM places itself (``rollout.vllm_*``)."""
+
+    @model_validator(mode="after")
+    def _check_compute(self) -> "ModelConfig":
+        if self.dtype == "bfloat16" and self.compute_dtype == "float32":
+            raise ValueError("model.compute_dtype = float32 with bfloat16 weights: autocast only narrows. "
+                             "Fix: model.dtype = \"float32\" (with model.compute_dtype = \"bfloat16\" for mixed precision)")
+        return self
+
+    @property
+    def compute(self) -> str:
+        """The dtype forward passes run in."""
+        return self.dtype if self.compute_dtype == "auto" else self.compute_dtype
 
 
 class DataConfig(_Strict):
@@ -101,13 +118,14 @@ class RolloutConfig(_Strict):
     vllm_memory_fraction: float = Field(default=0.2, gt=0, le=1)
     """vLLM's gpu_memory_utilization (on CPU: the share of host memory it may reserve)."""
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """The rollout engine's weights and compute (``auto``: the trainer's ``model.dtype``). bfloat16
-    sampled ~1.7x faster than float32 at batch 32-128 on a 2-core CPU with avx512_bf16, but the
-    mini-retool demo ran no faster end to end (800 vs 727 s) and its 135M model lost accuracy in
-    bfloat16 (held-out 0.59 vs 0.84 after SFT; benchmarks/RESULTS.md). The trainer's weights are
-    cast at every sync and the samples come from the cast weights: the gap is logged every step
-    (``update/logprob_mismatch``); with ``algo.ratio_against = "recompute"`` (the default) the ratio
-    is taken against the trainer's own log-probs, and no importance correction for the gap is applied."""
+    """The rollout engine's weights and compute (``auto``: the trainer's compute dtype, see
+    ``model.compute_dtype``). bfloat16 sampled ~1.7x faster than float32 at batch 32-128 on a 2-core CPU
+    with avx512_bf16, but the mini-retool demo ran no faster end to end (800 vs 727 s) and its 135M
+    model lost accuracy in bfloat16 (held-out 0.59 vs 0.84 after SFT; benchmarks/RESULTS.md). The
+    trainer's weights are cast at every sync and the samples come from the cast weights: the gap is
+    logged every step (``update/logprob_mismatch``); with ``algo.ratio_against = "recompute"`` (the
+    default) the ratio is taken against the trainer's own log-probs, and no importance correction for
+    the gap is applied."""
     vllm_kv_cache_gb: int | None = Field(default=2, ge=1)
     """On CPU: VLLM_CPU_KVCACHE_SPACE in GiB (None: vLLM's default)."""
     vllm_block_size: int | None = Field(default=None, ge=1)

@@ -12,6 +12,7 @@ Three kinds of names:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -122,9 +123,11 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None, device: str = "cpu"):
-    """Load ``(model, tokenizer)`` onto ``device`` (``auto``: a GPU if there is one); errors name
-    the model and what to do."""
+def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None, device: str = "cpu",
+               compute_dtype: str = "auto"):
+    """Load ``(model, tokenizer)`` onto ``device`` (``auto``: a GPU if there is one), weights in
+    ``dtype``, forward passes in ``compute_dtype`` (see :func:`set_compute_dtype`); errors name the
+    model and what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
@@ -144,4 +147,27 @@ def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None, 
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    model = model.to(device)
+    set_compute_dtype(model, dtype if compute_dtype == "auto" else compute_dtype)
+    return model, tokenizer
+
+
+def set_compute_dtype(module, dtype: str) -> None:
+    """Mixed precision, as verl's actor: forward passes in ``dtype`` (``torch.autocast``) while the
+    weights, gradients and optimizer state stay in the module's own dtype (float32 master weights:
+    a bfloat16 weight cannot take an AdamW step of lr 1e-6, it rounds back). Stored on the module,
+    so deep copies (the KL reference, the critic) compute the same way; see :func:`compute_context`."""
+    want = _DTYPES[dtype]
+    have = next(module.parameters()).dtype
+    if want.itemsize > have.itemsize:
+        raise TirlError(f"compute dtype {dtype} is wider than the weights ({have}): autocast only narrows. "
+                        "Fix: model.compute_dtype=auto, or model.dtype=float32 for float32 weights.")
+    module.tirl_compute_dtype = None if want == have else want
+
+
+def compute_context(module):
+    """The context a forward pass of ``module`` runs in: autocast to its compute dtype, or nothing."""
+    dtype = getattr(module, "tirl_compute_dtype", None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(module.parameters()).device.type, dtype=dtype)

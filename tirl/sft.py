@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tirl.config import Config
+from tirl.models import compute_context
 from tirl.rollout.protocol import ToolProtocol, get_protocol
 from tirl.types import TirlError
 from tirl.update.step import device_of, pad_tokens
@@ -170,7 +171,9 @@ def sft_step(model, optimizer, batch: list[SFTExample], micro: int, pad_id: int,
     for c in range(0, len(batch), micro):
         part = batch[c : c + micro]
         ids, attn, mask = pad_tokens([e.token_ids for e in part], [e.mask for e in part], pad_id, device_of(model))
-        loss = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, mask, n_tok)
+        with compute_context(model):
+            logits = model(input_ids=ids, attention_mask=attn).logits
+        loss = sft_loss(logits, ids, mask, n_tok)
         loss.backward()
         total += float(loss.detach())
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -189,7 +192,7 @@ def run_sft(cfg: Config, progress: bool = True, model=None, tok=None) -> tuple[A
     if not s.data:
         raise TirlError("sft.data is not set: pass sft.data=traces.jsonl")
     if model is None:
-        model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device)
+        model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device, cfg.model.compute)
     protocol = get_protocol(cfg.rollout.protocol, tok)
     if s.data.startswith("synthetic:"):
         examples = examples_from_rows(list(enumerate(synthetic_traces(cfg), 1)), tok, protocol, s.max_len, s.data)

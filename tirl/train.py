@@ -61,7 +61,7 @@ def make_engine(cfg: Config, model, tok):
         try:
             from tirl.rollout.vllm_engine import VLLMEngine
 
-            dtype = cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype
+            dtype = cfg.model.compute if r.vllm_dtype == "auto" else r.vllm_dtype
             engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.cache_dir), dtype=dtype,
                                 memory_fraction=r.vllm_memory_fraction, max_model_len=4096, seed=cfg.train.seed,
                                 kv_cache_gb=r.vllm_kv_cache_gb, in_process=r.vllm_in_process,
@@ -104,7 +104,7 @@ class Trainer:
         self.sampler = ProblemSampler(build_problems(
             d.source, problem_field=d.problem_field, answer_field=d.answer_field, id_field=d.id_field,
             limit=d.limit, num_synthetic=d.num_synthetic, difficulty=d.difficulty, seed=d.seed), seed=cfg.train.seed)
-        self.model, self.tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device)
+        self.model, self.tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device, cfg.model.compute)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.sft_log: list[dict[str, float]] = []

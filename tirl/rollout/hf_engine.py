@@ -28,6 +28,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from tirl.models import compute_context
 from tirl.rollout.engine import Generation, SamplingParams, StopCondition, find_finish
 
 
@@ -117,11 +118,12 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            seqs = self.model.generate(
-                input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
-                generation_config=gen_cfg, logits_processor=LogitsProcessorList([*_warpers(params), recorder]),
-                stopping_criteria=criteria,
-            )
+            with compute_context(self.model):
+                seqs = self.model.generate(
+                    input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
+                    generation_config=gen_cfg, logits_processor=LogitsProcessorList([*_warpers(params), recorder]),
+                    stopping_criteria=criteria,
+                )
         finally:
             self.model.train(was_training)
         new = seqs[:, width:]  # on the model's device, as the recorder's distributions are

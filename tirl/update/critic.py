@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tirl.loss import AGGREGATIONS, Normaliser, value_loss
+from tirl.models import compute_context
 from tirl.types import Trajectory
 from tirl.update.step import _pad, device_of, pad_tokens
 
@@ -26,9 +27,11 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.body.float()
         self.head.float().to(device_of(policy))
+        self.tirl_compute_dtype = getattr(policy, "tirl_compute_dtype", None)  # the policy's mixed precision
 
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-        h = self.body(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
+        with compute_context(self):
+            h = self.body(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
         v = self.head(h[:, :-1].float()).squeeze(-1)
         return torch.nn.functional.pad(v, (1, 0), value=0.0)  # [B, T], column 0 = 0
 

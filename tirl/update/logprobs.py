@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import torch
 
+from tirl.models import compute_context
+
 
 def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, temperature: float = 1.0,
                    with_entropy: bool = False, entropy_grad: bool = True):
@@ -11,7 +13,8 @@ def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
     (the distribution the token at that position was drawn from); ``entropy_grad=False`` computes it
     outside autograd (a metric only), so its ``[B, T, V]`` intermediates are freed at once instead of
     living until the backward pass."""
-    logits = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).logits[:, :-1].float()
+    with compute_context(model):
+        logits = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).logits[:, :-1].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     target = input_ids_BT[:, 1:]
