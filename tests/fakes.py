@@ -97,3 +97,31 @@ class DelayFakeSandbox:
 
     def close(self):
         pass
+
+
+_ALTERNATING = iter(range(10**9))
+
+
+def alternating_fake_reward(traj, cfg) -> float:
+    """Fake reward term: +1 and -1 by turns, so every GRPO group has signal (the tiny model never
+    answers anything right). Registered as ``fake_alternating`` by :func:`tiny_trainer_config`."""
+    return 1.0 if next(_ALTERNATING) % 2 else -1.0
+
+
+def tiny_trainer_config(tiny_model_dir, tmp_path, *overrides: str):
+    """The demo recipe on the tiny model and six toy problems, the HF engine, a short budget and the
+    fake alternating reward; ``overrides`` go last."""
+    import json
+
+    from tirl.config import load_config
+    from tirl.reward import REWARD_TERMS, register_term
+
+    if "fake_alternating" not in REWARD_TERMS:
+        register_term("fake_alternating")(alternating_fake_reward)
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(6)))
+    return load_config("demo", [f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}",
+                                f"train.output_dir={json.dumps(str(tmp_path / 'runs'))}", "rollout.engine=\"hf\"",
+                                "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.temperature=1.0",
+                                "reward.terms={fake_alternating = 1.0, correct = 0.0}", *overrides])

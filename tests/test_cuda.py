@@ -3,7 +3,6 @@ on the GPU with the same numbers as on the CPU, and the whole loop runs there (t
 engine generating on the GPU, its sampler log-probs matching the trainer's)."""
 
 import copy
-import json
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from tirl.config import AlgoConfig, load_config
 from tirl.models import load_model, resolve_device
 from tirl.types import TirlError
 
+from fakes import tiny_trainer_config
 from test_advantage_loss import _grads, _trajs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -92,24 +92,10 @@ def test_critic_and_sft_steps_match_the_cpu(tiny_model_dir):
 
 @cuda
 def test_training_runs_on_the_gpu(tiny_model_dir, tmp_path):
-    from tirl.reward import register_term
     from tirl.train import Trainer
 
-    calls = iter(range(10**6))
-
-    @register_term("gpu_alternating")
-    def _alternating(traj, cfg):  # stand-in reward for this test: alternates, so every group has signal
-        return 1.0 if next(calls) % 2 else -1.0
-
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(6)))
-    cfg = load_config("demo", [f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}",
-                               f"train.output_dir={json.dumps(str(tmp_path / 'runs'))}", "rollout.engine=\"hf\"",
-                               "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_tokens_per_turn=24",
-                               "rollout.max_response_tokens=48", "rollout.temperature=1.0", "optim.lr=1e-3",
-                               "algo.kl_coef=0.01", "model.device=\"auto\"",
-                               "reward.terms={gpu_alternating = 1.0, correct = 0.0}"])
+    cfg = tiny_trainer_config(tiny_model_dir, tmp_path, "rollout.max_tokens_per_turn=24", "rollout.max_response_tokens=48",
+                              "optim.lr=1e-3", "algo.kl_coef=0.01", "model.device=\"auto\"")
     t = Trainer(cfg)
     try:
         assert t.model.device.type == "cuda" and t.ref_model is not None and next(t.ref_model.parameters()).is_cuda

@@ -3,12 +3,12 @@ weights take the small AdamW steps RL uses, which bfloat16 weights round away; f
 policy, its deep copies, the critic and the HF engine run in bfloat16."""
 
 import copy
-import json
 
 import pytest
 import torch
 
-from tirl.config import AlgoConfig, OptimConfig, load_config
+from fakes import tiny_trainer_config
+from tirl.config import AlgoConfig, OptimConfig
 from tirl.models import compute_context, load_model, set_compute_dtype
 from tirl.types import TirlError
 from tirl.update import policy_update, token_logprobs
@@ -76,24 +76,11 @@ def test_critic_and_hf_engine_follow_the_policys_compute_dtype(tiny_model_dir):
 def test_trainer_with_mixed_precision(tiny_model_dir, tmp_path):
     """A training step with float32 masters and bfloat16 compute: the weights move and stay float32,
     the HF engine samples under the same autocast, so sampler and trainer agree closely."""
-    from tirl.reward import register_term
     from tirl.train import Trainer
 
-    calls = iter(range(10**6))
-
-    @register_term("mixed_alternating")
-    def _alternating(traj, cfg):  # stand-in reward for this test: alternates, so every group has signal
-        return 1.0 if next(calls) % 2 else -1.0
-
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(6)))
-    cfg = load_config("demo", [f"model.name={json.dumps(str(tiny_model_dir))}", f"data.source={json.dumps(str(data))}",
-                               f"train.output_dir={json.dumps(str(tmp_path / 'runs'))}", "rollout.engine=\"hf\"",
-                               "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_tokens_per_turn=16",
-                               "rollout.max_response_tokens=32", "rollout.temperature=1.0", "optim.lr=1e-6",
-                               "algo.kl_coef=0.01", "model.compute_dtype=\"bfloat16\"", "model.device=\"cpu\"",
-                               "reward.terms={mixed_alternating = 1.0, correct = 0.0}"])
+    cfg = tiny_trainer_config(tiny_model_dir, tmp_path, "rollout.max_tokens_per_turn=16", "rollout.max_response_tokens=32",
+                              "optim.lr=1e-6", "algo.kl_coef=0.01", "model.compute_dtype=\"bfloat16\"",
+                              "model.device=\"cpu\"")
     t = Trainer(cfg)
     try:
         before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
