@@ -73,6 +73,17 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
+def skip_unless_memory_cap(have: bool, why: str) -> None:
+    """Skip a test that needs the sandbox's memory cgroups where this machine cannot make them
+    (no root, or no writable cgroup hierarchy: containers, the GPU machines); under
+    ``TIRL_REQUIRE_FULL_SANDBOX=1`` (CI) their absence fails instead."""
+    if have:
+        return
+    if os.environ.get("TIRL_REQUIRE_FULL_SANDBOX") == "1":
+        pytest.fail("TIRL_REQUIRE_FULL_SANDBOX=1 but " + why)
+    pytest.skip(why)
+
+
 @pytest.fixture
 def sandbox():
     from tirl.sandbox import SubprocessSandbox

@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 
+from conftest import skip_unless_memory_cap
 from tirl.rollout.protocol import print_last_expression, with_replay
 from tirl.sandbox import SandboxFusionSandbox, ZygotePool
 from tirl.sandbox.fusion import fusion_response, parse_fusion_response, serve
@@ -93,8 +94,7 @@ def test_memory_cgroups_follow_the_lanes():
     restarted lanes go back into theirs, and closing the pool removes them."""
     p = ZygotePool(lanes=2)
     try:
-        if not p.level.memory_cap:
-            pytest.skip("no memory cgroup here: " + "; ".join(p.level.missing))
+        skip_unless_memory_cap(p.level.memory_cap, "no memory cgroup here: " + "; ".join(p.level.missing))
         caps = [lane.cap for lane in p._lanes]
         procs = lambda cap: (cap.path / "cgroup.procs").read_text().split()  # noqa: E731
         assert all(str(lane.proc.pid) in procs(lane.cap) for lane in p._lanes)
@@ -113,8 +113,7 @@ def test_a_memory_cgroup_that_cannot_be_joined_falls_back_loudly(monkeypatch):
     from tirl.sandbox import cgroup, pool as pool_module
 
     probe = cgroup.MemoryCap.create(64)
-    if probe is None:
-        pytest.skip("no memory cgroup here to refuse")
+    skip_unless_memory_cap(probe is not None, "no memory cgroup here to refuse")
     probe.remove()
     real_enter = cgroup.MemoryCap.enter_argv
 

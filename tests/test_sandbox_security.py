@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from conftest import skip_unless_memory_cap
 from tirl.rollout.protocol import observation
 from tirl.sandbox import ZygotePool
 
@@ -180,8 +181,7 @@ def test_no_state_outside_the_process_or_uncounted_memory(pool, contained, code)
 def test_forked_memory_bomb_is_capped_in_total(pool, contained):
     """RLIMIT_AS is per process: five children of 300 MB each would hold 1.5 GB. The lane's
     memory cgroup (512 MB for the request + the zygote's share) kills the excess, children first."""
-    if not pool.level.memory_cap:
-        pytest.skip("no memory cgroup here: " + "; ".join(pool.level.missing))
+    skip_unless_memory_cap(pool.level.memory_cap, "no memory cgroup here: " + "; ".join(pool.level.missing))
     code = ("import os, time\npids = []\nfor _ in range(5):\n    pid = os.fork()\n    if pid == 0:\n"
             "        b = b'x' * (300 << 20)\n        time.sleep(3)\n        os._exit(0)\n    pids.append(pid)\n"
             "time.sleep(2)\nprint(sum(os.waitpid(p, os.WNOHANG) == (0, 0) for p in pids))")
@@ -289,4 +289,6 @@ def test_runs_as_dedicated_uid_with_nproc(pool, contained):
     r = _run(pool, "import os, resource; print(os.getuid(), resource.getrlimit(resource.RLIMIT_NPROC)[0])")
     uid, nproc = map(int, r.stdout.split())
     assert uid == pool.uid != 0 and nproc == 64
+    assert pool.level.bwrap and pool.level.seccomp
+    skip_unless_memory_cap(pool.level.memory_cap, "no memory cgroup here: " + "; ".join(pool.level.missing))
     assert pool.level.full
