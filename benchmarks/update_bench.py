@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device(resolve_device(args.device))
     model = build_model(args.shape, getattr(torch, args.dtype), device)
-    compute = args.dtype if args.compute_dtype == "auto" else args.compute_dtype
-    set_compute_dtype(model, compute)
+    set_compute_dtype(model, args.compute_dtype)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
     trajs, adv = make_batch(args.batch, args.seq, SHAPES[args.shape]["vocab_size"])
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((name, wall, args.batch * args.seq / wall, peak))
         del opt
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.shape} ({n_params / 1e6:.0f}M params, {args.dtype} weights, {compute} compute) on {device}"
+    print(f"{args.shape} ({n_params / 1e6:.0f}M params, {args.dtype} weights, {args.compute_dtype} compute) on {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}: "
           f"{args.batch} x {args.seq} tokens, micro-batch {args.micro}, entropy_coef {args.entropy_coef}"
           f"{', gradient checkpointing' if args.grad_ckpt else ''}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from tirl.rollout.engine import Generation, SamplingParams, StopCondition, find_finish
 
 
@@ -99,7 +101,7 @@ class DelayFakeSandbox:
         pass
 
 
-_ALTERNATING = iter(range(10**9))
+_ALTERNATING = itertools.count()
 
 
 def alternating_fake_reward(traj, cfg) -> float:

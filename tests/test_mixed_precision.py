@@ -2,6 +2,7 @@
 weights take the small AdamW steps RL uses, which bfloat16 weights round away; forward passes of the
 policy, its deep copies, the critic and the HF engine run in bfloat16."""
 
+import contextlib
 import copy
 
 import pytest
@@ -41,7 +42,7 @@ def test_bfloat16_weights_round_small_steps_away_float32_masters_keep_them(tiny_
 def test_compute_dtype_runs_forward_passes_in_bfloat16(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir), "float32", compute_dtype="bfloat16")
     plain, _ = load_model(str(tiny_model_dir), "float32")
-    assert compute_context(plain).__class__.__name__ == "nullcontext"
+    assert isinstance(compute_context(plain), contextlib.nullcontext)
     seen = []
     model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     ids = torch.tensor([tok("print(12 * 34)")["input_ids"]])

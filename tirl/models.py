@@ -148,7 +148,7 @@ def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None, 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device)
-    set_compute_dtype(model, dtype if compute_dtype == "auto" else compute_dtype)
+    set_compute_dtype(model, compute_dtype)
     return model, tokenizer
 
 
@@ -156,9 +156,10 @@ def set_compute_dtype(module, dtype: str) -> None:
     """Mixed precision, as verl's actor: forward passes in ``dtype`` (``torch.autocast``) while the
     weights, gradients and optimizer state stay in the module's own dtype (float32 master weights:
     a bfloat16 weight cannot take an AdamW step of lr 1e-6, it rounds back). Stored on the module,
-    so deep copies (the KL reference, the critic) compute the same way; see :func:`compute_context`."""
-    want = _DTYPES[dtype]
+    so deep copies (the KL reference, the critic) compute the same way; see :func:`compute_context`.
+    ``auto``: the weights' own dtype (no autocast)."""
     have = next(module.parameters()).dtype
+    want = have if dtype == "auto" else _DTYPES[dtype]
     if want.itemsize > have.itemsize:
         raise TirlError(f"compute dtype {dtype} is wider than the weights ({have}): autocast only narrows. "
                         "Fix: model.compute_dtype=auto, or model.dtype=float32 for float32 weights.")
