@@ -260,3 +260,44 @@ def test_each_trajectory_gets_its_own_seed_on_engines_that_take_one_seed_recordi
     items, fake = _setup(tok, rows)  # no per_request_seeds: generate is called as before, without seeds
     trajs, _ = rollout(fake, tok, DelayFakeSandbox({}), items, SamplingParams(), RolloutLimits(max_tool_calls=2), seed=7)
     assert len(trajs) == 3
+
+
+def test_vllm_engine_forgets_tracebacks_that_modules_keep_fake_module():
+    """A module that keeps an import error as a global (vLLM keeps ``_torchcodec_import_exc``) holds
+    the frames of whoever imported it: the first vLLM engine of a process was never freed. After an
+    engine starts, such exceptions keep their message, not their frames (a fake module here; the
+    real-vLLM test checks vLLM's own modules)."""
+    import gc
+    import sys
+    import types
+    import weakref
+
+    from tirl.rollout.vllm_engine import _drop_stored_tracebacks
+
+    class Big:  # stands in for the engine (its weights, its KV cache)
+        pass
+
+    def importer(big):  # the frame that ran the import, holding the engine
+        try:
+            raise ImportError("No module named 'optional_dep'")
+        except ImportError as exc:
+            return exc
+
+    big = Big()
+    fake = types.ModuleType("tirl_test_fake_vllm_audio")
+    fake._import_exc = importer(big)
+    fake._chained = RuntimeError("outer")
+    fake._chained.__cause__ = importer(big)
+    sys.modules[fake.__name__] = fake
+    try:
+        ref = weakref.ref(big)
+        del big
+        gc.collect()
+        assert ref() is not None  # the kept traceback holds the importer's frame
+        _drop_stored_tracebacks()
+        gc.collect()
+        assert ref() is None
+        assert str(fake._import_exc) == "No module named 'optional_dep'" and fake._import_exc.__traceback__ is None
+        assert fake._chained.__cause__.__traceback__ is None
+    finally:
+        del sys.modules[fake.__name__]

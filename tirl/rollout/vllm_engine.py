@@ -23,11 +23,13 @@ partial block and the output were prefilled again. ReTool's "KV cache kept acros
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -80,8 +82,13 @@ class VLLMEngine:
         kw = {"block_size": block_size} if block_size else {}
         if max_num_seqs:  # requests decoded together; more wait in vLLM's queue and take a slot as one leaves
             kw["max_num_seqs"] = max_num_seqs
+        _share_parallel_state()  # before the engine binds its shutdown
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=memory_fraction, seed=seed,
                        max_model_len=max_model_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kw)
+        _drop_stored_tracebacks()
+        core = getattr(getattr(self.llm.llm_engine, "engine_core", None), "engine_core", None)
+        if in_process and core is not None:
+            _LIVE_CORES.add(core)  # its shutdown keeps vLLM's parallel state while others live
         self.tok = self.llm.get_tokenizer()
         self.eos_ids = {self.tok.eos_token_id}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -392,6 +399,59 @@ def _session_scheduler(llm_engine):
     if "resumable" not in inspect.signature(llm_engine.input_processor.process_inputs).parameters:
         return None
     return sched
+
+
+def _drop_stored_tracebacks() -> None:
+    """Forget the tracebacks of exceptions that imported modules keep as globals.
+
+    vLLM keeps an optional import's error for later (``_torchcodec_import_exc`` in its audio
+    module); its traceback holds every frame of the import's stack, so whatever called the first
+    ``import vllm`` - this engine's ``__init__`` with ``self``, a trainer's frame with its model -
+    was never freed: the first engine of a process leaked its weights and KV cache, and its
+    shutdown never ran. The exceptions stay (their messages too); only the frames go."""
+    import sys
+
+    for module in list(sys.modules.values()):
+        for value in list(getattr(module, "__dict__", {}).values()):
+            seen = set()
+            while issubclass(type(value), BaseException) and id(value) not in seen:  # (no __class__ lookups)
+                seen.add(id(value))
+                value.__traceback__ = None
+                value = value.__cause__ or value.__context__
+
+
+_LIVE_CORES: weakref.WeakSet = weakref.WeakSet()  # the in-process vLLM engine cores not shut down yet
+
+
+def _share_parallel_state() -> None:
+    """Let in-process engines share vLLM's process-wide parallel state.
+
+    Every in-process vLLM engine joins the same module-level model-parallel groups (and the
+    torch.distributed world), and an engine core's shutdown destroys them: freeing one engine broke
+    every other engine alive in this process ("pipeline model parallel group is not initialized").
+    Cores are tracked in ``_LIVE_CORES``, and a shutdown tears the shared state down only when it
+    is the last one alive. Patches vLLM's ``EngineCore.shutdown`` and the ``cleanup_dist_env_and_memory``
+    it calls, once per process and before the first engine is made (an engine binds its shutdown
+    when it starts); a vLLM without them is left as it is (the old behaviour)."""
+    import vllm.v1.engine.core as vcore
+
+    if getattr(vcore, "_tirl_shares_parallel_state", False) or not hasattr(vcore, "cleanup_dist_env_and_memory"):
+        return
+    cleanup, shutdown = vcore.cleanup_dist_env_and_memory, vcore.EngineCore.shutdown
+
+    def cleanup_unless_shared(*args, **kwargs):
+        if len(_LIVE_CORES):  # another engine in this process still uses the groups
+            gc.collect()
+            return None
+        return cleanup(*args, **kwargs)
+
+    def shutdown_one(self):
+        _LIVE_CORES.discard(self)
+        return shutdown(self)
+
+    vcore.cleanup_dist_env_and_memory = cleanup_unless_shared
+    vcore.EngineCore.shutdown = shutdown_one
+    vcore._tirl_shares_parallel_state = True
 
 
 def _save_full_state(model, path: str) -> None:
