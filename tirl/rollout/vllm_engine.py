@@ -86,7 +86,7 @@ class VLLMEngine:
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=memory_fraction, seed=seed,
                        max_model_len=max_model_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kw)
         _drop_stored_tracebacks()
-        core = getattr(getattr(self.llm.llm_engine, "engine_core", None), "engine_core", None)
+        core = _inproc_core(self.llm.llm_engine)
         if in_process and core is not None:
             _LIVE_CORES.add(core)  # its shutdown keeps vLLM's parallel state while others live
         self.tok = self.llm.get_tokenizer()
@@ -384,6 +384,11 @@ def _end_turn(s: _Session, o) -> None:
         s.fut.set_result(Generation(s.ids, s.lps, reason))
 
 
+def _inproc_core(llm_engine):
+    """vLLM's engine core object when it runs in this process (its in-process client's), else None."""
+    return getattr(getattr(llm_engine, "engine_core", None), "engine_core", None)
+
+
 def _session_scheduler(llm_engine):
     """vLLM's scheduler, when this vLLM can keep a request across turns here: an in-process engine
     core (the driver sets a request's token budget between steps), synchronous scheduling (no step
@@ -391,8 +396,7 @@ def _session_scheduler(llm_engine):
     is then a new request."""
     import inspect
 
-    core = getattr(getattr(llm_engine, "engine_core", None), "engine_core", None)
-    sched = getattr(core, "scheduler", None)
+    sched = getattr(_inproc_core(llm_engine), "scheduler", None)
     cfg = llm_engine.vllm_config.scheduler_config
     if sched is None or getattr(cfg, "async_scheduling", False) or not hasattr(sched, "_update_request_as_session"):
         return None
