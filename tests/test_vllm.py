@@ -250,6 +250,65 @@ def test_seeded_sampling_does_not_depend_on_tool_timing(engines):
     assert [t.token_ids for t in a] != [t.token_ids for t in c]
 
 
+VLLM_SETTINGS = [SamplingParams(1.0), SamplingParams(0.7), SamplingParams(1.0, top_p=0.9),
+                 SamplingParams(0.7, top_p=0.95, top_k=20)]
+
+
+@pytest.mark.parametrize("params", VLLM_SETTINGS, ids=lambda p: f"T{p.temperature}-p{p.top_p}-k{p.top_k}")
+def test_vllm_draws_from_the_distribution_it_records(engines, params):
+    """2,000 seeded one-token requests of one prompt against the exact distribution of the
+    trainer's forward pass (``sampler_stats``): the draws follow it (chi-square over binned ranks)
+    and each recorded log-prob is that distribution's. Every request carries its own seed, as in
+    a rollout: more than vLLM's token budget at once, which crashed a CPU engine before
+    (``_whole_prefills``)."""
+    import numpy as np
+
+    from sampler_stats import check_draws, exact_probs
+
+    v, _, model, tok = engines
+    ids = _one_past_a_block(v, tok, "What is 700 * 31? Put the final answer in \\boxed{}.")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    n = 2000
+    gens = v.generate([ids] * n, [1] * n, params, seeds=list(range(n)))
+    probs = exact_probs(logits.numpy(), params.temperature, params.top_k, params.top_p)
+    draws = np.array([g.token_ids[0] for g in gens])
+    chi2, bound = check_draws(draws, probs, str(params))
+    print(f"{params}: chi2 {chi2:.1f} (bound {bound:.1f}); outside the top 50: "
+          f"{np.mean(np.argsort(np.argsort(-probs))[draws] >= 50):.3f} drawn, {np.sort(probs)[::-1][50:].sum():.3f} exact")
+    recorded = np.array([g.logprobs[0] for g in gens])
+    assert np.abs(recorded - np.log(probs[draws])).max() < 2e-3
+
+
+def _one_past_a_block(v, tok, question: str) -> list[int]:
+    """The chat prompt of ``question``, its system line lengthened until the ids end one token past
+    a KV block: every request after the first then prefills one token (the prefix cache holds the
+    rest), so 2,000 requests cost seconds, not a minute."""
+    block = v.llm.llm_engine.vllm_config.cache_config.block_size
+    for k in range(4 * block):
+        ids = tok.apply_chat_template([{"role": "system", "content": "Be brief." + " Be exact." * k},
+                                       {"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+        ids = tok(ids, add_special_tokens=False)["input_ids"]
+        if len(ids) % block == 1:
+            return ids
+    raise AssertionError("no prompt length one past a block")
+
+
+@pytest.mark.slow
+def test_a_seeded_rollout_of_1024_trajectories_completes(engines):
+    """An RL-sized seeded rollout on the CPU engine (1,024 trajectories at once, async, each with
+    its own generator) completes, and two of its trajectories with the same prompt differ. Slow
+    (~60 s); the default suite's 2,000 seeded requests above cover the crash it guards against."""
+    v, _, model, tok = engines
+    probs = arithmetic_problems(64, seed=2)
+    items = [(p, g, render_prompt(p, tok, "chat", "{problem}\nWrite a Python program that prints the answer.", ""))
+             for g, p in enumerate(probs) for _ in range(16)]
+    with ZygotePool(lanes=2) as sb:
+        trajs, _ = rollout(v, tok, sb, items, SamplingParams(1.0), RolloutLimits(1, 8, 12), TORL, "async", seed=3)
+    assert len(trajs) == 1024 and all(t.response_len > 0 for t in trajs)
+    assert len({tuple(t.token_ids) for t in trajs[:16]}) > 1
+
+
 @pytest.mark.slow
 def test_resumed_vllm_run_samples_what_the_uninterrupted_one_did(tmp_path):
     """3 steps with vLLM (in-process, async rollouts, temperature 1) in one go == 2 steps, a stop,

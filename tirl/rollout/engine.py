@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import torch
+
 from tirl.types import FinishReason
 
 
@@ -23,6 +25,29 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+
+
+def sampling_logprobs(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``[B, V]`` float32 log-probs of the distribution an engine samples from (and records):
+    ``softmax(logits / T)`` restricted to the ``top_k`` most likely tokens, then to the smallest
+    set of those whose mass reaches ``top_p`` (the token that crosses it included), renormalised;
+    ``-inf`` outside. Greedy (``T = 0``) records the untempered distribution (its argmax is what
+    is drawn). The order and the top-p boundary are vLLM's, so both engines sample alike."""
+    logits = logits_BV.float()
+    if params.temperature > 0 and params.temperature != 1.0:
+        logits = logits / params.temperature
+    greedy = params.temperature == 0
+    if not greedy and params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if not greedy and params.top_p < 1.0:
+        sorted_lg, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_lg, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
+        drop = before >= params.top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -77,12 +102,13 @@ class BatchingAsyncEngine:
 
     def __init__(self, engine: Engine, max_batch: int = 256, linger_s: float = 0.05):
         self.engine, self.max_batch, self.linger_s = engine, max_batch, linger_s
-        self._queue: deque = deque()  # (prompt, budget, params, stop, future)
+        self.per_request_seeds = getattr(engine, "per_request_seeds", False)  # seeds are passed through
+        self._queue: deque = deque()  # (prompt, budget, params, stop, future, seed)
         self._driver: asyncio.Task | None = None
 
-    async def agenerate(self, prompt, max_new_tokens, params, stop=None) -> Generation:
+    async def agenerate(self, prompt, max_new_tokens, params, stop=None, seed: int | None = None) -> Generation:
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((prompt, max_new_tokens, params, stop, fut))
+        self._queue.append((prompt, max_new_tokens, params, stop, fut, seed))
         if self._driver is None or self._driver.done():
             self._driver = asyncio.create_task(self._drive())
         return await fut
@@ -94,9 +120,11 @@ class BatchingAsyncEngine:
             batch = [r for r in self._queue if r[2] == first[2] and r[3] == first[3]][: self.max_batch]
             for r in batch:
                 self._queue.remove(r)
+            seeds = [r[5] for r in batch]
+            kw = {"seeds": seeds} if self.per_request_seeds and None not in seeds else {}
             try:
                 gens = await asyncio.to_thread(self.engine.generate, [r[0] for r in batch], [r[1] for r in batch],
-                                               first[2], first[3])
+                                               first[2], first[3], **kw)
             except Exception as e:  # noqa: BLE001 - every trajectory of the batch sees the failure
                 for r in batch:
                     if not r[4].done():

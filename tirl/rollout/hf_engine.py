@@ -1,138 +1,125 @@
-"""Hugging Face ``generate`` as an :class:`~tirl.rollout.engine.Engine`.
+"""A Hugging Face causal LM as an :class:`~tirl.rollout.engine.Engine`: batched, left-padded,
+with the model's KV cache, and its own sampling.
 
-Batched with left padding. Two hooks make ``generate`` token-in-token-out:
+The engine draws each token itself from :func:`~tirl.rollout.engine.sampling_logprobs` (the
+temperature / top-k / top-p distribution) and records the log-prob of the drawn token under that
+same distribution, so what a trajectory claims is what it was sampled from. It does not use
+``generate``: ``generate`` fills every unset option from the model's ``generation_config`` and
+then from its global defaults (``GenerationConfig._get_default_generation_params``, merged in
+``_prepare_generation_config``), so ``top_k=None`` became ``top_k = 50``; it appends its own
+warpers after any caller's logits processor; and a real checkpoint's ``generation_config.json``
+(Qwen2.5: ``top_k = 20``, ``top_p = 0.8``, ``repetition_penalty = 1.05``) would silently reshape
+the distribution again. Here nothing but the model's logits and :class:`SamplingParams` decide.
 
-* ``_LogprobRecorder`` (a logits processor) records, at each step, the log-prob of the token
-  sampled at the previous step, keeping only one step's distribution in memory. ``generate``
-  applies its own temperature/top-k/top-p warpers *after* user processors, so we turn those off
-  and pass the same warpers ourselves, before the recorder: it then sees exactly the
-  distribution that is sampled from (a test checks this against a forward pass);
-* ``_StopOnCondition`` (a stopping criterion) ends a row when the tool protocol's trigger
-  appears in that row's text.
+With ``seeds`` (one per row; the rollout passes each trajectory's), a row samples from its own
+generator seeded from (its seed, its prompt length), as the vLLM engine does: its tokens do not
+depend on which rows share its batch. Without them, torch's global generator is used.
 
-After ``generate`` returns, each row is cut at its own end (EOS, trigger, or its own budget)
-with :func:`find_finish`, so padding never leaks into a trajectory.
+Each row ends at EOS, at its stop condition (the protocol's trigger, checked on the row's text
+token by token) or at its own budget; :func:`find_finish` then cuts it there, so padding never
+leaks into a trajectory.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from tirl.models import compute_context
-from tirl.rollout.engine import Generation, SamplingParams, StopCondition, find_finish
+from tirl.rollout.engine import Generation, SamplingParams, StopCondition, derive_seed, find_finish, sampling_logprobs
 
 
-class _LogprobRecorder(LogitsProcessor):
-    def __init__(self) -> None:
-        self.prev: torch.Tensor | None = None  # [B, V] log-softmax of the last step's scores
-        self.logprobs: list[torch.Tensor] = []  # one [B] tensor per generated token (except the last)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prev is not None:
-            self.logprobs.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def finish(self, last_tokens: torch.Tensor, n_steps: int) -> torch.Tensor:
-        """[B, n_steps] log-probs of the generated tokens."""
-        if len(self.logprobs) < n_steps and self.prev is not None:
-            self.logprobs.append(self.prev.gather(1, last_tokens[:, None]).squeeze(1))
-        return torch.stack(self.logprobs[:n_steps], dim=1)
-
-
-class _StopOnCondition(StoppingCriteria):
-    def __init__(self, tokenizer, stop: StopCondition, batch: int) -> None:
-        self.tok, self.stop = tokenizer, stop
-        self.texts = [""] * batch
-        self.done = [False] * batch
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        last = input_ids[:, -1].tolist()
-        for i, tok in enumerate(last):
-            if not self.done[i]:
-                self.texts[i] += self.tok.decode([tok])
-                self.done[i] = self.stop.find(self.texts[i]) is not None
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-
-def _warpers(params: SamplingParams) -> list[LogitsProcessor]:
+def draw(logp_BV: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """``[B]`` token ids drawn from ``exp(logp_BV)`` (argmax when greedy), row ``i`` from
+    ``generators[i]`` when given."""
     if params.temperature == 0:
-        return []
-    out: list[LogitsProcessor] = []
-    if params.temperature != 1.0:
-        out.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k:
-        out.append(TopKLogitsWarper(top_k=params.top_k))
-    if params.top_p < 1.0:
-        out.append(TopPLogitsWarper(top_p=params.top_p))
-    return out
+        return logp_BV.argmax(dim=-1)
+    probs = logp_BV.exp()
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
 class HFEngine:
     """Generates with the (shared, in-process) training model: weights are always in sync."""
 
+    per_request_seeds = True  # each row may carry its own seed (its own torch.Generator)
+
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         eos = tokenizer.eos_token_id
-        cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+        cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ids = {eos} if eos is not None else set()
         ids |= set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else [])
         self.eos_ids = ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
-    def generate(self, prompts, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None) -> list[Generation]:
+    def generate(self, prompts, max_new_tokens, params: SamplingParams, stop: StopCondition | None = None,
+                 seeds: list[int] | None = None) -> list[Generation]:
         out: list[Generation | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per chunk
         for c in range(0, len(order), self.batch_size):
             idx = order[c : c + self.batch_size]
-            gens = self._generate_chunk([prompts[i] for i in idx], [max_new_tokens[i] for i in idx], params, stop)
+            gens = self._generate_chunk([prompts[i] for i in idx], [max_new_tokens[i] for i in idx], params, stop,
+                                        [seeds[i] for i in idx] if seeds is not None else None)
             for i, g in zip(idx, gens):
                 out[i] = g
         return out  # type: ignore[return-value]
 
+    def _generators(self, prompts, seeds, device) -> list[torch.Generator] | None:
+        if seeds is None:
+            return None
+        return [torch.Generator(device=device).manual_seed(derive_seed(s, len(p))) for p, s in zip(prompts, seeds)]
+
     @torch.no_grad()
-    def _generate_chunk(self, prompts, budgets, params: SamplingParams, stop) -> list[Generation]:
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+    def _generate_chunk(self, prompts, budgets, params: SamplingParams, stop, seeds) -> list[Generation]:
+        dev = self.model.device
+        n, width, steps = len(prompts), max(map(len, prompts)), max(budgets)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
-        recorder = _LogprobRecorder()
-        criteria = StoppingCriteriaList([_StopOnCondition(self.tok, stop, len(prompts))] if stop else [])
-        greedy = params.temperature == 0
-        gen_cfg = GenerationConfig(
-            do_sample=not greedy, temperature=None, top_p=None, top_k=None,  # warpers: see _warpers
-            max_new_tokens=max(budgets), eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-        )
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        gens = self._generators(prompts, seeds, dev)
+        new = torch.full((n, steps), self.pad_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros((n, steps), device=dev)
+        texts, done = [""] * n, [False] * n
+        inp, past = ids, None
         was_training = self.model.training
         self.model.eval()
         try:
-            with compute_context(self.model):
-                seqs = self.model.generate(
-                    input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
-                    generation_config=gen_cfg, logits_processor=LogitsProcessorList([*_warpers(params), recorder]),
-                    stopping_criteria=criteria,
-                )
+            for k in range(steps):
+                with compute_context(self.model):
+                    o = self.model(input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=past,
+                                   use_cache=True, logits_to_keep=1)
+                past = o.past_key_values
+                logp = sampling_logprobs(o.logits[:, -1], params)
+                tok = draw(logp, params, gens)
+                new[:, k], logprobs[:, k] = tok, logp.gather(1, tok[:, None]).squeeze(1)
+                if self._all_done(tok.tolist(), k, budgets, texts, done, stop):
+                    break
+                inp, pos = tok[:, None], pos[:, -1:] + 1
+                attn = torch.cat([attn, attn.new_ones((n, 1))], dim=1)
         finally:
             self.model.train(was_training)
-        new = seqs[:, width:]  # on the model's device, as the recorder's distributions are
-        logprobs = recorder.finish(new[:, -1], new.shape[1]).cpu()  # max_new_tokens >= 1
-        new = new.cpu()
-        gens = []
+        new, logprobs = new.cpu(), logprobs.cpu()
+        out = []
         for i, budget in enumerate(budgets):
-            row = new[i, :budget].tolist()
+            row = new[i, : min(budget, k + 1)].tolist()
             pieces = [self.tok.decode([t]) for t in row]
-            n, reason = find_finish(pieces, row, self.eos_ids, stop)
-            gens.append(Generation(token_ids=row[:n], logprobs=logprobs[i, :n].tolist(), finish_reason=reason))
-        return gens
+            m, reason = find_finish(pieces, row, self.eos_ids, stop)
+            out.append(Generation(token_ids=row[:m], logprobs=logprobs[i, :m].tolist(), finish_reason=reason))
+        return out
+
+    def _all_done(self, toks: list[int], k: int, budgets, texts: list[str], done: list[bool], stop) -> bool:
+        """Marks the rows that ended with step ``k``'s token (EOS, budget, stop); True when all have."""
+        for i, t in enumerate(toks):
+            if done[i]:
+                continue
+            if t in self.eos_ids or k + 1 >= budgets[i]:
+                done[i] = True
+            elif stop is not None:
+                texts[i] += self.tok.decode([t])
+                done[i] = stop.find(texts[i]) is not None
+        return all(done)

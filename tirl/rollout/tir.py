@@ -104,10 +104,10 @@ class _Ctx:
 
 
 def _builders(items: list[tuple[Problem, int, Prompt]], seed: int | None, engine) -> list[_Builder]:
-    """One builder per item; with a ``seed`` and an engine that takes per-request seeds (vLLM),
-    each trajectory samples from its own stream, derived from (seed, its index): the same tokens
-    whatever the batch or the timing of tool calls. (The HF engine samples from torch's global
-    generator, which the trainer seeds per step; its lock-step batches make that reproducible.)"""
+    """One builder per item; with a ``seed`` and an engine that takes per-request seeds (vLLM and
+    the HF engine), each trajectory samples from its own stream, derived from (seed, its index):
+    the same tokens whatever the batch or the timing of tool calls. (Without a seed, an engine
+    samples from its own or torch's global generator.)"""
     own = _own_seeds(seed, engine)
     return [_Builder(p, g, pr, derive_seed(seed, i) if own else None) for i, (p, g, pr) in enumerate(items)]
 

@@ -82,6 +82,8 @@ class VLLMEngine:
         kw = {"block_size": block_size} if block_size else {}
         if max_num_seqs:  # requests decoded together; more wait in vLLM's queue and take a slot as one leaves
             kw["max_num_seqs"] = max_num_seqs
+        if current_platform.is_cpu():
+            kw |= _whole_prefills(max_model_len)
         _share_parallel_state()  # before the engine binds its shutdown
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=memory_fraction, seed=seed,
                        max_model_len=max_model_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kw)
@@ -382,6 +384,19 @@ def _end_turn(s: _Session, o) -> None:
         s.fut.set_exception(RuntimeError(f"vLLM ended the request ({o.finish_reason!r}, {o.stop_reason!r})"))
     else:
         s.fut.set_result(Generation(s.ids, s.lps, reason))
+
+
+def _whole_prefills(max_model_len: int) -> dict:
+    """vLLM options that schedule every prompt (and every session's new input) in one step.
+
+    A chunked prefill samples a token for the partial request and throws it away, and vLLM then
+    rewinds that request's seeded generator (``set_offset(get_offset() - 4)``, a CUDA Philox
+    offset): a CPU generator has no offset, so once the step's prompts outgrew the token budget
+    (~512 seeded 40-token prompts at once) the engine died with "CPU Generator does not use
+    offset". With chunked prefill off and a budget of at least one whole context no token is ever
+    discarded, so no generator is rewound, and a request's random stream no longer depends on how
+    its prompt was split across steps either."""
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
 
 
 def _inproc_core(llm_engine):
