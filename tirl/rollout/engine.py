@@ -13,11 +13,12 @@ import asyncio
 import hashlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from tirl.types import FinishReason
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,14 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
 
 
-def sampling_logprobs(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def sampling_logprobs(logits_BV: "torch.Tensor", params: SamplingParams) -> "torch.Tensor":
     """``[B, V]`` float32 log-probs of the distribution an engine samples from (and records):
     ``softmax(logits / T)`` restricted to the ``top_k`` most likely tokens, then to the smallest
     set of those whose mass reaches ``top_p`` (the token that crosses it included), renormalised;
     ``-inf`` outside. Greedy (``T = 0``) records the untempered distribution (its argmax is what
     is drawn). The order and the top-p boundary are vLLM's, so both engines sample alike."""
+    import torch  # (here, not at the top: the verifier's workers import this package and not torch)
+
     logits = logits_BV.float()
     if params.temperature > 0 and params.temperature != 1.0:
         logits = logits / params.temperature
