@@ -17,6 +17,16 @@ def test_update_bench_runs_and_prints_both_rows():
     assert all(float(r.split("|")[3]) > 0 for r in rows)  # tokens/s
 
 
+def test_dist_bench_runs_both_configurations():
+    """1 process x 2 threads vs torchrun with 2 ranks x 1 thread, on a tiny shape."""
+    out = subprocess.run([sys.executable, "benchmarks/dist_bench.py", "--shape", "tiny", "--batch", "4", "--seq", "32",
+                          "--steps", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]
+    assert len(rows) == 2 and rows[0].rstrip().endswith("1.00x |"), out.stdout
+    assert all(float(r.split("|")[2]) > 0 for r in rows)
+
+
 def _load(name: str):
     import importlib.util
 

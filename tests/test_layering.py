@@ -5,7 +5,7 @@ from pathlib import Path
 
 import tirl
 
-ORDER = ["types", "config", "models", "data", "prompt", "sandbox", "rollout", "traces", "reward", "shaping", "advantage", "loss",
+ORDER = ["types", "config", "dist", "models", "data", "prompt", "sandbox", "rollout", "traces", "reward", "shaping", "advantage", "loss",
          "update", "sft", "eval", "run", "train", "report", "headline", "cli"]
 
 

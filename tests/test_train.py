@@ -192,7 +192,8 @@ def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, capsys
     done = tmp_path / "runs" / "done" / "checkpoint"
     done.mkdir(parents=True)
     (done / "trainer_state.json").write_text(json.dumps({"step": 2, "data": {}, "resumable": True}))
-    (done / "trainer.pt").write_bytes(b"")
+    (done / "trainer").mkdir()
+    (done / "trainer" / ".metadata").write_bytes(b"")
     (done.parent / "config.toml").write_text('recipe = "demo"\n[train]\nsteps = 2\n')
     assert main(["train", "--resume", str(done.parent), "--no-progress"]) == 2
     assert "nothing left to run" in capsys.readouterr().err
@@ -251,37 +252,34 @@ def test_a_crash_in_evaluation_keeps_the_steps_metrics(tiny_model_dir, tmp_path,
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint_whole(tiny_model_dir, tmp_path, monkeypatch):
-    """A checkpoint is written aside and swapped in: a save that dies half-way (here: while
-    writing trainer.pt over an existing checkpoint) leaves the old one intact and consistent, and
+    """A checkpoint is written aside and swapped in: a save that dies half-way (here: while DCP
+    writes trainer/ over an existing checkpoint) leaves the old one intact and consistent, and
     --resume never picks the partial one."""
     import torch
+    import torch.distributed.checkpoint as dcp
 
-    from tirl.run import find_checkpoint
+    from tirl.run import RunDir, find_checkpoint
 
     cfg = load_config("demo", _overrides(tiny_model_dir, tmp_path, **{"train.save_every": 1}))
     run = train(cfg, progress=False)
-    before = {p.name: p.read_bytes() for p in (run / "checkpoint-1").iterdir()}
+    before = {p.relative_to(run): p.read_bytes() for p in (run / "checkpoint-1").rglob("*") if p.is_file()}
     trainer = Trainer(cfg)
     with torch.no_grad():  # weights that differ from the checkpoint's, so an overwrite would show
         next(trainer.model.parameters()).add_(1.0)
-    real_save = torch.save
 
-    def dying_save(obj, f, *a, **kw):
-        if str(f).endswith("trainer.pt"):
-            raise OSError("disk full (simulated)")
-        return real_save(obj, f, *a, **kw)
+    def dying_save(*a, **kw):
+        raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(torch, "save", dying_save)
-    from tirl.run import RunDir
-
+    monkeypatch.setattr(dcp, "save", dying_save)
     with pytest.raises(OSError, match="simulated"):
         RunDir(run).save_checkpoint(trainer.model, trainer.tok, {"step": 7, "resumable": True}, "checkpoint-1",
                                     trainer.training_state())
     trainer.close()
-    assert {p.name: p.read_bytes() for p in (run / "checkpoint-1").iterdir()} == before
+    assert {p.relative_to(run): p.read_bytes() for p in (run / "checkpoint-1").rglob("*") if p.is_file()} == before
     assert (run / ".checkpoint-1.partial").is_dir()  # what was written before the failure
     for later in ("checkpoint", "checkpoint-2"):  # step 2: the run's final checkpoints
-        (run / later / "trainer.pt").unlink()
+        (run / later / "trainer" / ".metadata").unlink()
     (run / ".checkpoint-1.partial" / "trainer_state.json").write_text('{"step": 7, "resumable": true}')
-    (run / ".checkpoint-1.partial" / "trainer.pt").write_bytes(b"")  # even a partial one that looks whole...
+    (run / ".checkpoint-1.partial" / "trainer").mkdir()
+    (run / ".checkpoint-1.partial" / "trainer" / ".metadata").write_bytes(b"")  # even a partial one that looks whole...
     assert find_checkpoint(run).name == "checkpoint-1"  # ...is never taken

@@ -32,22 +32,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tirl.config import load_config
     from tirl.train import train
 
-    overrides = ([f"model.name={json.dumps(args.model)}"] if args.model else []) + list(args.overrides)
-    ckpt = None
-    if args.resume:
-        from tirl.run import resume_config
-        from tirl.types import TirlError
+    from tirl.dist import restarts, say, writer_process
+    from tirl.run import resume_config
+    from tirl.types import TirlError
 
+    overrides = ([f"model.name={json.dumps(args.model)}"] if args.model else []) + list(args.overrides)
+    ckpt, resume = None, args.resume
+    if not resume and restarts():  # torchrun --max-restarts brought the job back: continue the named run
+        cfg = load_config(args.config, overrides)
+        named = Path(cfg.train.output_dir) / cfg.train.run_name if cfg.train.run_name else None
+        if named is not None and (named / "config.toml").is_file():
+            say(f"[tirl] restart {restarts()} of the job: resuming {named}")
+            resume = str(named)
+    if resume:
         if args.model:
             raise TirlError("--resume continues the run's own weights; drop --model")
-        cfg, ckpt = resume_config(Path(args.resume), list(args.overrides))
-        print(f"[tirl] resuming {ckpt.parent} from {ckpt.name} (step {json.loads((ckpt / 'trainer_state.json').read_text())['step']})")
+        try:
+            cfg, ckpt = resume_config(Path(resume), list(args.overrides))
+        except TirlError:
+            if resume == args.resume:
+                raise
+            say(f"[tirl] {resume} has no resumable checkpoint yet: starting it again")
+            cfg = load_config(args.config, overrides)
+        else:
+            say(f"[tirl] resuming {ckpt.parent} from {ckpt.name} "
+                f"(step {json.loads((ckpt / 'trainer_state.json').read_text())['step']})")
     else:
         cfg = load_config(args.config, overrides)
     _quiet_libraries()
     path = train(cfg, progress=not args.no_progress, resume=ckpt)
-    print(f"[tirl] done: metrics, trajectories and checkpoint in {path}")
-    if not args.no_report:
+    say(f"[tirl] done: metrics, trajectories and checkpoint in {path}")
+    if not args.no_report and writer_process():
         from tirl.report import write_report
 
         print(f"[tirl] report: {write_report(path)} (plots in {path / 'plots'})")
@@ -104,20 +119,25 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tirl.config import load_config
-    from tirl.run import RunDir
+    from tirl.dist import Dist
+    from tirl.models import resolve_device
+    from tirl.run import RunDir, save_checkpoint
     from tirl.sft import run_sft
 
     overrides = ([f"sft.data={json.dumps(args.data)}"] if args.data else []) + list(args.overrides)
     overrides += [f"model.name={json.dumps(args.model)}"] if args.model else []
     cfg = load_config(args.config, overrides)
     _quiet_libraries()
-    model, tok, log = run_sft(cfg, progress=not args.no_progress)
+    dist = Dist.from_env(resolve_device(cfg.model.device), cfg.train.collective_timeout_s)  # torchrun: data parallel
+    model, tok, log = run_sft(cfg, progress=not args.no_progress, dist=dist)
     name = cfg.train.run_name or f"sft-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = RunDir(Path(cfg.train.output_dir) / name)
+    path = Path(dist.on_writer(lambda: str(Path(cfg.train.output_dir) / name), share=True))
+    run = dist.writer_only(dist.on_writer(RunDir, path))
     for row in log:
         run.log_metrics(row)
-    out = run.save_checkpoint(model, tok, {"step": len(log), "kind": "sft"})
-    print(f"[tirl] SFT done ({len(log)} steps, final loss {log[-1]['sft/loss']:.4f}); checkpoint in {out}")
+    out = save_checkpoint(dist, run, path, model, tok, {"step": len(log), "kind": "sft", "world_size": dist.world})
+    dist.say(f"[tirl] SFT done ({len(log)} steps, final loss {log[-1]['sft/loss']:.4f}); checkpoint in {out}")
+    dist.close()
     return 0
 
 
@@ -274,9 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from tirl.types import TirlError
 
+    from tirl.dist import RankFailed
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except RankFailed:  # it said why (with its rank); end now, without waiting on the other ranks
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except TirlError as e:
         print(f"tirl: error: {e}", file=sys.stderr)
         return 2

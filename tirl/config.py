@@ -286,6 +286,9 @@ class TrainConfig(_Strict):
     loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
     """JSONL is always written; TensorBoard and Weights & Biases when installed and listed here."""
     wandb_project: str = "tirl"
+    collective_timeout_s: float = Field(default=1800.0, gt=0)
+    """Under torchrun: how long a rank waits in a collective (a rank that fails ends the job at
+    once; this bounds a rank that hangs, e.g. the others waiting while the writer evaluates)."""
 
 
 class RequirementsConfig(_Strict):
@@ -407,9 +410,13 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
 
 def check_requirements(cfg: Config) -> None:
     """Fail before loading anything when this machine cannot run the recipe as written."""
+    import os
+
     import torch
 
     have = torch.cuda.device_count()
+    if have:  # under torchrun, the job's GPUs (every node's), one per rank
+        have = max(have, int(os.environ.get("WORLD_SIZE", "1")))
     need = cfg.requirements.min_gpus
     if have < need:
         raise TirlError(

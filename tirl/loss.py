@@ -125,13 +125,21 @@ def value_loss(v_BT: torch.Tensor, old_v_BT: torch.Tensor, returns_BT: torch.Ten
     return 0.5 * torch.maximum(plain, clipped), (clipped > plain).float()
 
 
-def masked_whiten(x_BT: torch.Tensor, mask_BT: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Mean 0, std 1 over the masked entries (verl whitens GAE advantages this way); 0 elsewhere."""
-    n = mask_BT.sum()
+def masked_whiten(x_BT: torch.Tensor, mask_BT: torch.Tensor, eps: float = 1e-8,
+                  total: Callable[[list[float]], list[float]] | None = None) -> torch.Tensor:
+    """Mean 0, std 1 over the masked entries (verl whitens GAE advantages this way); 0 elsewhere.
+    ``total`` sums a list of numbers over every part of the batch (data-parallel ranks: the
+    statistics are then the whole batch's); default: this part is the whole batch."""
+    s, n = (x_BT * mask_BT).sum(), mask_BT.sum()
+    if total is not None:
+        s, n = (torch.tensor(v, dtype=x_BT.dtype) for v in total([float(s), float(n)]))
     if n < 2:
         return x_BT * mask_BT
-    mean = (x_BT * mask_BT).sum() / n
-    var = (((x_BT - mean) * mask_BT) ** 2).sum() / (n - 1)
+    mean = s / n
+    ss = (((x_BT - mean) * mask_BT) ** 2).sum()
+    if total is not None:
+        ss = torch.tensor(total([float(ss)])[0], dtype=x_BT.dtype)
+    var = ss / (n - 1)
     return (x_BT - mean) / torch.sqrt(var + eps) * mask_BT
 
 

@@ -5,9 +5,13 @@
       metrics.jsonl               one JSON object per step
       events.jsonl                start, checkpoints, errors
       trajectories/step_000001.jsonl
-      checkpoint/                 Hugging Face folder + trainer_state.json (+ trainer.pt)
+      checkpoint/                 Hugging Face folder + trainer_state.json (+ trainer/)
 
-A checkpoint is written whole into ``.<name>.partial`` and then swapped in, so a crash while saving
+``trainer/`` is a ``torch.distributed.checkpoint`` (DCP) folder: the policy, the optimizer, the
+scheduler, the critic and its optimizer, the KL reference and the RNG states, each rank writing
+its own shards, keyed by parameter name, so a run resumes at any world size. The Hugging Face
+folder beside it (for eval and serving) is gathered from the shards and written by one rank. A
+checkpoint is written whole into ``.<name>.partial`` and then swapped in, so a crash while saving
 leaves the previous one as it was.
 """
 
@@ -21,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from tirl.config import Config, config_to_toml
+from tirl.dist import Dist
 from tirl.types import TirlError, Trajectory
+
+TRAINER_DIR = "trainer"  # the DCP checkpoint inside a checkpoint folder
+
+
+def has_training_state(ckpt: Path) -> bool:
+    """Whether ``ckpt`` holds a complete DCP checkpoint of the training state."""
+    return (Path(ckpt) / TRAINER_DIR / ".metadata").is_file()
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -35,10 +47,10 @@ def find_checkpoint(path: Path) -> Path:
         if state_file.parent.name.startswith("."):  # a checkpoint being written or replaced
             continue
         state = json.loads(state_file.read_text())
-        if state.get("resumable", True) and (state_file.parent / "trainer.pt").is_file():
+        if state.get("resumable", True) and has_training_state(state_file.parent):
             found.append((state["step"], state_file.stat().st_mtime, state_file.parent))
     if not found:
-        raise TirlError(f"no resumable checkpoint in {path} (a folder with trainer_state.json and trainer.pt). "
+        raise TirlError(f"no resumable checkpoint in {path} (a folder with trainer_state.json and {TRAINER_DIR}/). "
                         "Fix: pass a run folder written by `tirl train` (it holds checkpoint/, checkpoint-N/ or "
                         "checkpoint-interrupted/) or one of those folders.")
     return max(found)[2]
@@ -48,9 +60,9 @@ def check_resumable(ckpt: Path) -> dict[str, Any]:
     """The checkpoint's ``trainer_state.json`` if an exact resume from it is possible, else a
     TirlError that says why and what to use instead."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if not state.get("resumable", True) or not (ckpt / "trainer.pt").is_file():
+    if not state.get("resumable", True) or not has_training_state(ckpt):
         raise TirlError(f"{ckpt} cannot be resumed exactly: it was saved in the middle of step {state['step'] + 1}'s "
-                        "update (or without trainer.pt). Fix: resume from the run folder (its latest resumable "
+                        f"update (or without {TRAINER_DIR}/). Fix: resume from the run folder (its latest resumable "
                         "checkpoint is taken) or an earlier checkpoint-N.")
     return state
 
@@ -143,27 +155,8 @@ class RunDir:
 
     def save_checkpoint(self, model, tokenizer, state: dict[str, Any], name: str = "checkpoint",
                         extra: dict[str, Any] | None = None) -> Path:
-        """The policy as a Hugging Face folder and ``trainer_state.json``; with ``extra`` (the
-        optimizer, scheduler, critic, reference: ``Trainer.training_state``) also ``trainer.pt``,
-        and with both an exact resume is possible. Written whole beside ``name``, then swapped in: a
-        crash while saving (over checkpoint-interrupted, say) never leaves new weights beside an
-        old ``trainer_state.json``."""
-        import torch
-
-        out, tmp, old = self.path / name, self.path / f".{name}.partial", self.path / f".{name}.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            torch.save(extra, tmp / "trainer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        self.log_event("checkpoint", path=str(out), step=state.get("step"), resumable=state.get("resumable"))
-        return out
+        """A single process's :func:`save_checkpoint` into this run folder."""
+        return save_checkpoint(Dist(), self, self.path, model, tokenizer, state, name, extra)
 
     @classmethod
     def reopen(cls, path: Path, step: int) -> "RunDir":
@@ -176,3 +169,53 @@ class RunDir:
             kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
             metrics.write_text("".join(line + "\n" for line in kept))
         return run
+
+
+def save_checkpoint(dist: Dist, run: RunDir, path: Path, model, tokenizer, state: dict[str, Any],
+                    name: str = "checkpoint", sharded: dict[str, Any] | None = None) -> Path:
+    """The policy as a Hugging Face folder and ``trainer_state.json``; with ``sharded`` (the DCP
+    state: ``Trainer.training_state``) also ``trainer/``, and with both an exact resume is
+    possible. Every rank calls this (DCP and the gather of the export are collectives); one
+    writes the export. Written whole beside ``name``, then swapped in: a crash while saving (over
+    checkpoint-interrupted, say) never leaves new weights beside an old ``trainer_state.json``.
+    ``run`` logs the event (on the writer)."""
+    out, tmp, old = path / name, path / f".{name}.partial", path / f".{name}.old"
+    dist.on_writer(_fresh_dir, tmp)
+    dist.barrier()
+    if sharded is not None:
+        dist.save_sharded(sharded, str(tmp / TRAINER_DIR))
+    full = dist.full_state_dict(model) if dist.active else None  # (a single process saves its own)
+    dist.on_writer(_export, model, tokenizer, full, tmp, state, dist.plain_class_name(model))
+    dist.on_writer(_swap, tmp, out, old)
+    dist.barrier()
+    run.log_event("checkpoint", path=str(out), step=state.get("step"), resumable=state.get("resumable"))
+    return out
+
+
+def _fresh_dir(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _export(model, tokenizer, full: dict | None, tmp: Path, state: dict[str, Any], architecture: str) -> None:
+    model.save_pretrained(tmp, state_dict=full)
+    if full is not None:  # save_pretrained names the class it was called on: FSDP's wrapper class
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["architectures"] = [architecture]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(tmp)
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+
+def _swap(tmp: Path, out: Path, old: Path) -> None:
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(dist: Dist, ckpt: Path, template: dict[str, Any]) -> None:
+    """Fill ``template`` (the state dicts of the objects to restore) from ``ckpt``'s DCP folder,
+    whatever the world size it was saved at."""
+    dist.load_sharded(template, str(Path(ckpt) / TRAINER_DIR))

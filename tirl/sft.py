@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from tirl.config import Config
+from tirl.dist import Dist
 from tirl.models import compute_context
 from tirl.rollout.protocol import ToolProtocol, get_protocol
 from tirl.types import TirlError
-from tirl.update.step import device_of, pad_tokens
+from tirl.update.step import SINGLE, chunks, device_of, dummy_pass, pad_tokens
 
 
 @dataclass
@@ -163,36 +164,50 @@ def sft_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tens
     return (nll * mask_BT[:, 1:]).sum() / max(num_tokens, 1)
 
 
-def sft_step(model, optimizer, batch: list[SFTExample], micro: int, pad_id: int, grad_clip: float) -> dict[str, float]:
+def sft_step(model, optimizer, batch: list[SFTExample], micro: int, pad_id: int, grad_clip: float,
+             dist: Dist = SINGLE) -> dict[str, float]:
+    """One optimizer step on ``batch`` (the whole step's; under data parallelism every rank passes
+    the same batch and trains on its contiguous share, the loss normalised by the whole batch's
+    token count and the gradients summed, so N ranks take the single-process step)."""
     n_tok = sum(sum(e.mask[1:]) for e in batch)
+    mine = [batch[i] for i in dist.block(len(batch))]
     total = 0.0
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    for c in range(0, len(batch), micro):
-        part = batch[c : c + micro]
+    for idx in chunks(list(range(len(mine))), micro, dist):
+        if idx is None:
+            dummy_pass(model, pad_id, backward=True, forward=lambda i, a: model(input_ids=i, attention_mask=a).logits)
+            continue
+        part = [mine[i] for i in idx]
         ids, attn, mask = pad_tokens([e.token_ids for e in part], [e.mask for e in part], pad_id, device_of(model))
         with compute_context(model):
             logits = model(input_ids=ids, attention_mask=attn).logits
         loss = sft_loss(logits, ids, mask, n_tok)
         loss.backward()
         total += float(loss.detach())
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    (total,) = dist.sum([total])
+    gn = dist.clip_grad_norm(model.parameters(), grad_clip)
     optimizer.step()
-    return {"sft/loss": total, "sft/tokens": float(n_tok), "sft/grad_norm": float(gn)}
+    return {"sft/loss": total, "sft/tokens": float(n_tok), "sft/grad_norm": gn}
 
 
-def run_sft(cfg: Config, progress: bool = True, model=None, tok=None) -> tuple[Any, Any, list[dict[str, float]]]:
+def run_sft(cfg: Config, progress: bool = True, model=None, tok=None,
+            dist: Dist = SINGLE) -> tuple[Any, Any, list[dict[str, float]]]:
     """SFT ``model`` (loaded from ``cfg.model`` if not given) on ``cfg.sft.data``; returns the model,
-    tokenizer and per-step metrics. The caller saves (``tirl sft`` writes a run folder)."""
+    tokenizer and per-step metrics. The caller saves (``tirl sft`` writes a run folder). With a
+    ``dist`` of several ranks (``tirl sft`` under torchrun) the model it loads is sharded and each
+    step's batch split between the ranks."""
     from tqdm.auto import tqdm
 
-    from tirl.models import load_model
+    from tirl.models import load_model, resolve_device
 
     s = cfg.sft
     if not s.data:
         raise TirlError("sft.data is not set: pass sft.data=traces.jsonl")
     if model is None:
-        model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device, cfg.model.compute)
+        model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir,
+                                dist.device(resolve_device(cfg.model.device)), cfg.model.compute)
+        model = dist.shard(model)
     protocol = get_protocol(cfg.rollout.protocol, tok)
     if s.data.startswith("synthetic:"):
         examples = examples_from_rows(list(enumerate(synthetic_traces(cfg), 1)), tok, protocol, s.max_len, s.data)
@@ -204,12 +219,12 @@ def run_sft(cfg: Config, progress: bool = True, model=None, tok=None) -> tuple[A
     total = s.steps or s.epochs * steps_per_epoch
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     log, order = [], []
-    for step in tqdm(range(1, total + 1), desc="sft", disable=not progress):
+    for step in tqdm(range(1, total + 1), desc="sft", disable=not (progress and dist.writer)):
         if len(order) < s.batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[: s.batch_size]], order[s.batch_size :]
         t0 = time.perf_counter()
-        row = {"step": step, **sft_step(model, opt, batch, cfg.optim.micro_batch_size, pad, cfg.optim.grad_clip)}
+        row = {"step": step, **sft_step(model, opt, batch, cfg.optim.micro_batch_size, pad, cfg.optim.grad_clip, dist)}
         row["time/step"] = time.perf_counter() - t0
         log.append(row)
     return model, tok, log

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import random
 import time
 import traceback
@@ -23,17 +24,18 @@ import torch
 from tirl.advantage import ADVANTAGES, gae
 from tirl.config import Config, check_requirements
 from tirl.data import ProblemSampler, build_problems
+from tirl.dist import Dist
 from tirl.eval import rollout_metrics
 from tirl.eval.runner import evaluate
 from tirl.loss import AGGREGATIONS, POLICY_LOSSES
-from tirl.models import load_model
+from tirl.models import load_model, resolve_device
 from tirl.prompt import CODE_INTERPRETER_TOOL, render_prompt
 from tirl.reward import Verifier, check_terms, score
 from tirl.rollout import RolloutLimits, SamplingParams, resolve_mode, rollout
 from tirl.rollout.engine import derive_seed
 from tirl.rollout.protocol import get_protocol
 from tirl.rollout.hf_engine import HFEngine
-from tirl.run import RunDir, check_resumable
+from tirl.run import RunDir, check_resumable, load_training_state, save_checkpoint
 from tirl.sandbox import describe, make_sandbox
 from tirl.shaping import has_signal, resample_on_correct, takes_part
 from tirl.types import TirlError, Trajectory
@@ -49,12 +51,23 @@ class TrainState:
     data: dict[str, int] = field(default_factory=dict)
 
 
-def make_engine(cfg: Config, model, tok):
+def make_engine(cfg: Config, model, tok, dist: Dist | None = None):
     """The rollout engine: vLLM (weights synced after every update) or the in-process HF engine.
-    ``auto`` tries vLLM when it is installed and falls back to HF, saying why, if it cannot start."""
+    ``auto`` tries vLLM when it is installed and falls back to HF, saying why, if it cannot start.
+    Under torchrun (``dist.active``) every rank has its own HF engine with its own copy of the
+    weights (the trainer's are sharded), synced from the shards after every update; vLLM is not
+    supported there yet."""
     import importlib.util
 
     r = cfg.rollout
+    if dist is not None and dist.active:
+        if r.engine == "vllm":
+            raise TirlError("rollout.engine = vllm under torchrun is not supported yet (each rank's in-process vLLM "
+                            "would join the trainer's process group). Fix: rollout.engine=hf, or train in one process.")
+        if r.engine == "auto" and importlib.util.find_spec("vllm") is not None:
+            dist.say("[tirl] under torchrun every rank rolls out with its own Hugging Face engine (vLLM per rank is "
+                     "not supported yet)")
+        return HFEngine(copy.deepcopy(model), tok, r.generation_batch_size, own_weights=True)
     if r.engine == "vllm" or (r.engine == "auto" and importlib.util.find_spec("vllm") is not None):
         from tirl.models import resolve_model_path
 
@@ -98,13 +111,16 @@ class Trainer:
         self.cfg = cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        device = resolve_device(cfg.model.device)
+        self.dist = dist = Dist.from_env(device, cfg.train.collective_timeout_s)
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         d = cfg.data
-        self.sampler = ProblemSampler(build_problems(
+        self.sampler = ProblemSampler(build_problems(  # the same problems, in the same order, on every rank
             d.source, problem_field=d.problem_field, answer_field=d.answer_field, id_field=d.id_field,
             limit=d.limit, num_synthetic=d.num_synthetic, difficulty=d.difficulty, seed=d.seed), seed=cfg.train.seed)
-        self.model, self.tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, cfg.model.device, cfg.model.compute)
+        self.model, self.tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, dist.device(device),
+                                          cfg.model.compute)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.sft_log: list[dict[str, float]] = []
@@ -112,20 +128,22 @@ class Trainer:
             from tirl.sft import run_sft
 
             _, _, self.sft_log = run_sft(cfg, progress=False, model=self.model, tok=self.tok)
+        dist.replicate(self.model)  # every rank starts from the writer's weights
         self.critic = None
         if cfg.algo.advantage == "gae":
-            self.critic = ValueModel(self.model)
+            self.critic = dist.shard(ValueModel(self.model), layers_of=self.model)
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.algo.critic_lr)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:  # a frozen copy of the initial policy
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.engine = make_engine(cfg, self.model, self.tok)
+            self.ref_model = dist.shard(copy.deepcopy(self.model).eval().requires_grad_(False))
+        self.engine = make_engine(cfg, self.model, self.tok, dist)
+        self.model = dist.shard(self.model)
         try:
             self.protocol = get_protocol(cfg.rollout.protocol, self.tok)
         except ValueError as e:
             raise TirlError(str(e)) from None
         s = cfg.sandbox
-        self.sandbox = make_sandbox(s)
+        self.sandbox = make_sandbox(s.model_copy(update={"lanes": dist.node_share(s.lanes)}))
         self.verifier = Verifier(cfg.reward.verifier_workers, cfg.reward.verifier_timeout_s)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
@@ -141,103 +159,125 @@ class Trainer:
         self.mid_update = False  # weights or optimizer changed by a step that has not completed
 
     def _sample_groups(self, n: int, timing: dict[str, float]) -> list[list[Trajectory]]:
-        """Roll out ``n`` new prompts x group_size (x the resample-on-correct factor), scored."""
+        """Roll out ``n`` new prompts x group_size (x the resample-on-correct factor), scored:
+        this rank's contiguous share of them (every group stays on one rank, so group-relative
+        advantages need no gather). Each trajectory's sampling seed and each group's resampling
+        depend on its global position only, so N ranks sample what one process would."""
         cfg, r = self.cfg, self.cfg.rollout
-        k = cfg.algo.resample_on_correct
-        problems = self.sampler.next(n)
+        k, size = cfg.algo.resample_on_correct, r.group_size * cfg.algo.resample_on_correct
+        problems = self.sampler.next(n)  # the same on every rank
+        mine = self.dist.block(n)
         p = cfg.prompt
         tools = [CODE_INTERPRETER_TOOL] if cfg.rollout.protocol == "chat" else None
-        prompts = [render_prompt(pr, self.tok, p.style, p.template, p.system, tools) for pr in problems]
-        items = [(pr, g, prompts[g]) for g, pr in enumerate(problems) for _ in range(r.group_size * k)]
+        prompts = {g: render_prompt(problems[g], self.tok, p.style, p.template, p.system, tools) for g in mine}
+        items = [(problems[g], g, prompts[g]) for g in mine for _ in range(size)]
         self._rollouts += 1  # a step may roll out more than once (dynamic sampling)
         seed = derive_seed(cfg.train.seed, self.state.step, self._rollouts)
         trajs, times = rollout(self.engine, self.tok, self.sandbox, items, self.params, self.limits, self.protocol,
-                               resolve_mode(r.mode, self.engine), seed)
+                               resolve_mode(r.mode, self.engine), seed, first_index=mine.start * size)
         timing["generate"] += times.generate_s
         timing["tools"] += times.tools_s
         t0 = time.perf_counter()
         score(trajs, cfg.reward, self.verifier)
         timing["reward"] += time.perf_counter() - t0
-        groups = [trajs[i * r.group_size * k : (i + 1) * r.group_size * k] for i in range(n)]
+        groups = [trajs[i * size : (i + 1) * size] for i in range(len(mine))]
         if k > 1:
-            rng = random.Random(cfg.train.seed * 1_000_003 + self.state.step)
-            groups = [resample_on_correct(g, r.group_size, rng) for g in groups]
+            groups = [resample_on_correct(grp, r.group_size, random.Random(derive_seed(seed, "resample", g)))
+                      for g, grp in zip(mine, groups)]
         return groups
 
     def _collect(self, timing: dict[str, float]) -> tuple[list[list[Trajectory]], dict[str, float]]:
-        """prompts_per_step groups; with dynamic sampling, only groups with reward variance,
-        refilled for up to ``dynamic_sampling_rounds`` extra rounds."""
-        a, want = self.cfg.algo, self.cfg.rollout.prompts_per_step
+        """prompts_per_step groups (over all ranks); with dynamic sampling, only groups with reward
+        variance, refilled for up to ``dynamic_sampling_rounds`` extra rounds. Each group's
+        ``group`` is its position in the step's global batch (this rank holds its own groups)."""
+        a, want, dist = self.cfg.algo, self.cfg.rollout.prompts_per_step, self.dist
         groups: list[list[Trajectory]] = []
-        dropped = rounds = 0
+        have = dropped = rounds = 0
         while True:
-            new = self._sample_groups(want - len(groups), timing)
+            new = self._sample_groups(want - have, timing)
             if a.dynamic_sampling:
                 kept = [g for g in new if has_signal(g)]
-                dropped, new = dropped + len(new) - len(kept), kept
-            groups += new
-            if not a.dynamic_sampling or len(groups) >= want or rounds >= a.dynamic_sampling_rounds:
+                dropped, new = dropped + int(dist.sum([float(len(new) - len(kept))])[0]), kept
+            counts = dist.gather([len(new)])  # groups kept by each rank this round
+            first = have + sum(counts[: dist.rank])
+            for gi, g in enumerate(new, start=first):
+                for t in g:
+                    t.group = gi
+            groups, have = groups + new, have + sum(counts)
+            if not a.dynamic_sampling or have >= want or rounds >= a.dynamic_sampling_rounds:
                 break
             rounds += 1
-        for gi, g in enumerate(groups):
-            for t in g:
-                t.group = gi
-        return groups, {"shaping/groups": float(len(groups)), "shaping/dropped_groups": float(dropped),
+        return groups, {"shaping/groups": float(have), "shaping/dropped_groups": float(dropped),
                         "shaping/extra_rounds": float(rounds)}
 
     def step(self) -> tuple[dict[str, Any], list[Trajectory]]:
-        cfg, r, a = self.cfg, self.cfg.rollout, self.cfg.algo
+        """One step. Returns its metrics and the trajectories of every rank (in global order)."""
+        cfg, r, a, dist = self.cfg, self.cfg.rollout, self.cfg.algo, self.dist
         self.state = TrainState(self.done.step + 1, self.done.data)
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.step)  # a step's samples depend on (seed, step)
         self._rollouts = 0
         timing = {"generate": 0.0, "tools": 0.0, "reward": 0.0}
         groups, shaping = self._collect(timing)
         trajs = [t for g in groups for t in g]
+        size = r.group_size
+        index = [t.group * size + j for g in groups for j, t in enumerate(g)]  # positions in the global batch
         temperature = r.temperature or 1.0
         t0 = time.perf_counter()
         ref = None
-        if self.ref_model is not None and trajs:
-            ref = sequence_logprobs(self.ref_model, trajs, cfg.optim.micro_batch_size, self.engine.pad_id, temperature)
+        if self.ref_model is not None and shaping["shaping/groups"]:
+            ref = sequence_logprobs(self.ref_model, trajs, cfg.optim.micro_batch_size, self.engine.pad_id, temperature,
+                                    dist)
             if a.kl_in == "reward":  # r -= beta * sum_t KL_t over the policy's tokens
                 for t, ref_lp in zip(trajs, ref):
                     kl = kl_penalty(torch.tensor(t.logprobs), torch.tensor(ref_lp), a.kl_estimator)
                     t.reward -= a.kl_coef * float((kl * torch.tensor(t.mask, dtype=torch.float)).sum())
         upd: dict[str, float] = {}
-        if trajs:
+        if shaping["shaping/groups"]:
             self.mid_update = True
             part = [i for i, t in enumerate(trajs) if takes_part(t, a.overlong_filter, a.void_turn_filter)]
-            shaping["shaping/filtered_trajs"] = float(len(trajs) - len(part))
+            n_part, n_all = dist.sum([float(len(part)), float(len(trajs))])
+            shaping["shaping/filtered_trajs"] = n_all - n_part
             if self.critic is not None:
-                adv, crit = self._gae_and_critic(trajs, part)
+                adv, crit = self._gae_and_critic(trajs, part, train_critic=n_part > 0)
                 upd.update(crit)
             else:
-                rewards = torch.tensor([[t.reward for t in g] for g in groups])
-                adv = ADVANTAGES[a.advantage](rewards, eps=a.adv_eps).flatten().tolist()
-            if part and self.state.step > (a.critic_warmup if self.critic is not None else 0):
+                rewards = torch.tensor([[t.reward for t in g] for g in groups])  # [this rank's groups, G]
+                adv = ADVANTAGES[a.advantage](rewards, eps=a.adv_eps).flatten().tolist() if groups else []
+            if n_part and self.state.step > (a.critic_warmup if self.critic is not None else 0):
                 upd |= policy_update(self.model, self.optimizer, [trajs[i] for i in part], [adv[i] for i in part], a,
                                     cfg.optim, temperature=temperature, pad_id=self.engine.pad_id,
                                     ref_logprobs=[ref[i] for i in part] if ref and a.kl_in == "loss" else None,
-                                    const_len=r.max_response_tokens, seed=cfg.train.seed * 1_000_003 + self.state.step)
+                                    const_len=r.max_response_tokens, seed=cfg.train.seed * 1_000_003 + self.state.step,
+                                    dist=dist, index=_ranks_among([index[i] for i in part], dist))
         t_sync = 0.0
         if "tokens_trained" in upd:  # the actor took an optimizer step (not during critic warm-up)
             self.scheduler.step()
-            if hasattr(self.engine, "load_weights"):  # an engine with its own copy of the weights
-                t1 = time.perf_counter()
-                self.engine.load_weights(self.model, self.cfg.rollout.weight_sync)
-                t_sync = time.perf_counter() - t1
+            t_sync = self._sync_engine()
         self.state.data = self.sampler.state_dict()
         self.done, self.mid_update = TrainState(self.state.step, dict(self.state.data)), False
-        metrics = {"step": self.state.step, **rollout_metrics(trajs), **{f"update/{k}": v for k, v in upd.items()},
+        everyone = sorted(dist.gather(trajs), key=lambda t: t.group)  # (stable: a group keeps its order)
+        metrics = {"step": self.state.step, **rollout_metrics(everyone), **{f"update/{k}": v for k, v in upd.items()},
                    **shaping, "lr": self.scheduler.get_last_lr()[0], "time/generate": timing["generate"],
                    "time/tools": timing["tools"], "time/reward": timing["reward"],
                    "time/update": time.perf_counter() - t0 - t_sync, "time/sync": t_sync}
-        return metrics, trajs
+        return metrics, everyone
 
-    def _gae_and_critic(self, trajs: list[Trajectory], part: list[int]) -> tuple[list, dict[str, float]]:
+    def _sync_engine(self) -> float:
+        """The trainer's new weights into an engine with its own copy (vLLM; a rank's HF engine),
+        gathered from the shards one tensor at a time; returns the seconds it took."""
+        if getattr(self.engine, "shares_weights", False) or not hasattr(self.engine, "load_weights"):
+            return 0.0
+        t1 = time.perf_counter()
+        tensors = self.dist.full_tensors(self.model) if self.dist.active else None
+        self.engine.load_weights(self.model, self.cfg.rollout.weight_sync, tensors)
+        return time.perf_counter() - t1
+
+    def _gae_and_critic(self, trajs: list[Trajectory], part: list[int], train_critic: bool) -> tuple[list, dict[str, float]]:
         """PPO with a critic: per-token GAE advantages (outcome reward on the last policy token,
-        whitened over the batch) from the critic's values, then one critic step on the returns."""
-        a, o = self.cfg.algo, self.cfg.optim
-        old_v = critic_values(self.critic, trajs, o.micro_batch_size, self.engine.pad_id)
+        whitened over the whole batch, every rank's) from the critic's values, then one critic
+        step on the returns."""
+        a, o, dist = self.cfg.algo, self.cfg.optim, self.dist
+        old_v = critic_values(self.critic, trajs, o.micro_batch_size, self.engine.pad_id, dist)
         advs, rets, masks = [], [], []
         for t, v in zip(trajs, old_v):
             m = torch.tensor(t.mask, dtype=torch.float)
@@ -248,19 +288,24 @@ class Trainer:
             advs.append(adv_t[0])
             rets.append(ret_t[0].tolist())
             masks.append(m)
-        white = masked_whiten(torch.cat(advs), torch.cat(masks)).split([len(x) for x in advs])
+        cat = (torch.cat(advs), torch.cat(masks)) if advs else (torch.zeros(0), torch.zeros(0))
+        white = masked_whiten(*cat, total=dist.sum).split([len(x) for x in advs])
         stats = {}
-        if part:
+        if train_critic:  # (some rank has trajectories that take part)
             stats = critic_update(self.critic, self.critic_opt, [trajs[i] for i in part], [rets[i] for i in part],
-                                  [old_v[i] for i in part], a.value_clip, o.micro_batch_size, o.grad_clip, self.engine.pad_id)
+                                  [old_v[i] for i in part], a.value_clip, o.micro_batch_size, o.grad_clip,
+                                  self.engine.pad_id, dist)
         return [w.tolist() for w in white], stats
 
     def evaluate(self, out_dir: Path) -> dict[str, float]:
-        """Periodic evaluation; returns flat ``eval/<bench>/<score>`` metrics."""
-        res = evaluate(self.model, self.tok, self.cfg, self.sandbox, self.verifier, out_dir, engine=self.engine)
-        flat = {f"eval/{b}/{k}": v for b, r in res["benches"].items() for k, v in {**r["scores"], **r["tool"]}.items()}
-        flat.update({f"eval/avg/{k}": v for k, v in res["average"].items()})
-        return flat
+        """Periodic evaluation, on the writer (its engine holds the full weights; the other ranks
+        wait); returns flat ``eval/<bench>/<score>`` metrics, on every rank."""
+        def run() -> dict[str, float]:
+            res = evaluate(self.model, self.tok, self.cfg, self.sandbox, self.verifier, out_dir, engine=self.engine)
+            flat = {f"eval/{b}/{k}": v for b, r in res["benches"].items() for k, v in {**r["scores"], **r["tool"]}.items()}
+            return flat | {f"eval/avg/{k}": v for k, v in res["average"].items()}
+
+        return self.dist.on_writer(run, share=True)
 
     def close(self) -> None:
         """Stop the sandbox's and the verifier's worker processes."""
@@ -269,36 +314,70 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The last completed step; ``resumable`` is false when a failed step had already changed
-        the weights (they then belong to no completed step)."""
-        return {**asdict(self.done), "seed": self.cfg.train.seed, "resumable": not self.mid_update}
+        the weights (they then belong to no completed step). ``parts``: what ``trainer/`` holds."""
+        return {**asdict(self.done), "seed": self.cfg.train.seed, "resumable": not self.mid_update,
+                "world_size": self.dist.world, "parts": sorted(self._state_parts())}
 
-    def training_state(self) -> dict[str, Any]:
-        """Tensors a resume needs besides the policy's weights (saved as ``trainer.pt``)."""
-        out: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def training_state(self, parts: list[str] | None = None) -> dict[str, Any]:
+        return {k: make() for k, make in self._state_parts(parts).items()}
+
+    def _state_parts(self, parts: list[str] | None = None) -> dict[str, Any]:
+        """What a resume needs besides the data position, as DCP state (sharded tensors stay
+        sharded, keyed by name): the policy, the optimizer, the scheduler, the RNG states, and
+        the critic, its optimizer and the KL reference when the run has them. An optimizer that
+        has not stepped yet is left out (its state would have to be made up). ``parts``: only
+        those (the template a checkpoint is loaded into)."""
+        from tirl.dist import model_state, optimizer_state
+
+        out: dict[str, Any] = {"model": lambda: model_state(self.model), "scheduler": self.scheduler.state_dict,
+                               "rng": lambda: pickle.dumps({"torch": torch.get_rng_state(), "python": random.getstate()})}
+        if self.optimizer.state or parts:
+            out["optimizer"] = lambda: optimizer_state(self.model, self.optimizer)
         if self.critic is not None:
-            out |= {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_opt.state_dict()}
+            out["critic"] = lambda: model_state(self.critic)
+            if self.critic_opt.state or parts:
+                out["critic_optimizer"] = lambda: optimizer_state(self.critic, self.critic_opt)
         if self.ref_model is not None:
-            out["ref"] = self.ref_model.state_dict()
-        return out
+            out["ref"] = lambda: model_state(self.ref_model)
+        return {k: make for k, make in out.items() if parts is None or k in parts}
 
     def restore(self, ckpt: Path) -> None:
-        """Continue from a checkpoint written by :func:`train` (its weights are already loaded:
-        ``model.name`` points at it)."""
+        """Continue from a checkpoint written by :func:`train` at any world size (its weights are
+        already loaded: ``model.name`` points at its HF export; ``trainer/`` then restores them
+        exactly, with everything else)."""
+        from tirl.dist import set_model_state, set_optimizer_state
+
         state = check_resumable(ckpt)
-        extra = torch.load(ckpt / "trainer.pt", map_location=device_of(self.model), weights_only=True)
+        parts = state.get("parts", [])
         for have, key in ((self.critic is not None, "critic"), (self.ref_model is not None, "ref")):
-            if have != (key in extra):
-                raise TirlError(f"{ckpt} was saved {'with' if key in extra else 'without'} a {key} model and the config "
+            if have != (key in parts):
+                raise TirlError(f"{ckpt} was saved {'with' if key in parts else 'without'} a {key} model and the config "
                                 f"{'has one' if have else 'has none'}; resume with the run's own config.")
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.scheduler.load_state_dict(extra["scheduler"])
+        saved = self.training_state(parts)
+        load_training_state(self.dist, ckpt, saved)
+        set_model_state(self.model, saved["model"])
+        if "optimizer" in saved:
+            set_optimizer_state(self.model, self.optimizer, saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
         if self.critic is not None:
-            self.critic.load_state_dict(extra["critic"])
-            self.critic_opt.load_state_dict(extra["critic_optimizer"])
+            set_model_state(self.critic, saved["critic"])
+            if "critic_optimizer" in saved:
+                set_optimizer_state(self.critic, self.critic_opt, saved["critic_optimizer"])
         if self.ref_model is not None:
-            self.ref_model.load_state_dict(extra["ref"])
+            set_model_state(self.ref_model, saved["ref"])
+        rng = pickle.loads(saved["rng"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self._sync_engine()  # an engine with its own copy starts from the restored weights
         self.sampler.load_state_dict(state["data"])
         self.done = self.state = TrainState(state["step"], state["data"])
+
+
+def _ranks_among(positions: list[int], dist: Dist) -> list[int]:
+    """Each of this rank's ``positions`` (in the step's global batch) renumbered among every
+    rank's: 0..n-1 over the trajectories that take part in the update, in global order."""
+    rank_of = {g: k for k, g in enumerate(sorted(dist.gather(positions)))}
+    return [rank_of[g] for g in positions]
 
 
 def _eval_line(step: int, ev: dict[str, float]) -> str:
@@ -312,34 +391,46 @@ def _eval_line(step: int, ev: dict[str, float]) -> str:
     return f"[tirl] held-out @ step {step}: " + "; ".join(parts)
 
 
-def _save(run: RunDir, trainer: Trainer, name: str) -> Path:
-    return run.save_checkpoint(trainer.model, trainer.tok, trainer.state_dict(), name, trainer.training_state())
+def _save(dist: Dist, run: RunDir, path: Path, trainer: Trainer, name: str) -> Path:
+    return save_checkpoint(dist, run, path, trainer.model, trainer.tok, trainer.state_dict(), name,
+                           trainer.training_state())
+
+
+def _open_run(trainer: Trainer, cfg: Config, resume: Path | None) -> tuple[RunDir, Path]:
+    """The run folder (made by the writer, its path shared) and, on the writer, its logger."""
+    dist = trainer.dist
+    if resume is not None:
+        trainer.restore(resume)
+    path = Path(dist.on_writer(lambda: str(RunDir.create(cfg).path if resume is None else resume.parent), share=True))
+    run = dist.writer_only(dist.on_writer(lambda: RunDir(path) if resume is None else RunDir.reopen(path, trainer.done.step)))
+    run.attach_loggers(cfg)
+    return run, path
 
 
 def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Path:
     """Run ``cfg.train.steps`` steps; returns the run directory. On any failure a checkpoint of
-    the current weights and the error are written before the exception propagates. ``resume``: a
-    checkpoint of a run (see :func:`tirl.run.resume_config`), continued in that run's folder."""
+    the current weights and the error are written before the exception propagates (under
+    torchrun: the error, with the rank; see :func:`_failed`). ``resume``: a checkpoint of a run
+    (see :func:`tirl.run.resume_config`), continued in that run's folder."""
     from tqdm.auto import tqdm
 
     trainer = Trainer(cfg)
+    dist = trainer.dist
     try:
-        if resume is not None:
-            trainer.restore(resume)
-        run = RunDir.create(cfg) if resume is None else RunDir.reopen(resume.parent, trainer.done.step)
-        run.attach_loggers(cfg)
+        run, path = _open_run(trainer, cfg, resume)
     except BaseException:
         trainer.close()
         raise
     run.log_event("start" if resume is None else "resume", steps=cfg.train.steps, model=cfg.model.name,
-                  sandbox=describe(trainer.sandbox), engine=type(trainer.engine).__name__, from_step=trainer.done.step)
+                  sandbox=describe(trainer.sandbox), engine=type(trainer.engine).__name__, from_step=trainer.done.step,
+                  **dist.describe())
     bar = tqdm(total=cfg.train.steps, initial=trainer.done.step, desc=f"tirl {cfg.recipe}", unit="step",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and dist.writer), dynamic_ncols=True)
     try:
         if cfg.eval.at_start and trainer.state.step == 0:  # the starting point (after SFT, before RL)
-            ev = trainer.evaluate(run.path / "eval" / "step_000000")
+            ev = trainer.evaluate(path / "eval" / "step_000000")
             run.log_metrics({"step": 0, **ev})
-            tqdm.write(_eval_line(0, ev))
+            dist.say(_eval_line(0, ev))
         while trainer.state.step < cfg.train.steps:
             t0 = time.perf_counter()
             metrics, trajs = trainer.step()
@@ -348,31 +439,45 @@ def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Pat
                 run.log_trajectories(trainer.state.step, trajs)
             if cfg.eval.every and trainer.state.step % cfg.eval.every == 0:
                 try:
-                    ev = trainer.evaluate(run.path / "eval" / f"step_{trainer.state.step:06d}")
+                    ev = trainer.evaluate(path / "eval" / f"step_{trainer.state.step:06d}")
                 except BaseException:
                     run.log_metrics(metrics)  # the step itself completed: its row stays, without evaluation
                     raise
                 metrics.update(ev)
-                tqdm.write(_eval_line(trainer.state.step, ev))  # the held-out learning curve, as it grows
+                dist.say(_eval_line(trainer.state.step, ev))  # the held-out learning curve, as it grows
             run.log_metrics(metrics)
             if cfg.train.save_every and trainer.state.step % cfg.train.save_every == 0:
-                _save(run, trainer, f"checkpoint-{trainer.state.step}")
+                _save(dist, run, path, trainer, f"checkpoint-{trainer.state.step}")
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:+.2f}", acc=f"{metrics['accuracy']:.2f}",
                             calls=f"{metrics['tool_calls_per_traj']:.2f}", len=f"{metrics['response_len']:.0f}")
     except BaseException as e:
         bar.close()
-        run.log_event("error", step=trainer.state.step, error=repr(e), traceback=traceback.format_exc())
-        out = _save(run, trainer, "checkpoint-interrupted")
-        how = (f"continue it exactly with: tirl train --resume {run.path}" if trainer.state_dict()["resumable"]
-               else "it stopped inside an update: --resume takes the run's last checkpoint-N")
-        print(f"[tirl] run stopped at step {trainer.state.step} ({type(e).__name__}); weights saved to {out}; "
-              f"metrics and trajectories so far are in {run.path}; {how}", flush=True)
+        _failed(e, trainer, run, path)
         raise
     finally:
         trainer.close()
         run.close()
     bar.close()
-    _save(run, trainer, "checkpoint")
+    _save(dist, run, path, trainer, "checkpoint")
     run.log_event("done", step=trainer.state.step)
-    return run.path
+    dist.close()
+    return path
+
+
+def _failed(e: BaseException, trainer: Trainer, run: RunDir, path: Path) -> None:
+    """What a failed run leaves. One process: the error in ``events.jsonl`` and the weights so far
+    in ``checkpoint-interrupted/`` (resumable when the step had not begun its update). Under
+    torchrun the other ranks may be inside a collective or gone, so nothing collective is tried:
+    the failing rank reports the error with its rank (:meth:`Dist.fail`), the job ends, and the
+    latest complete checkpoint is what ``--resume`` takes."""
+    dist = trainer.dist
+    if dist.active:
+        dist.fail(e, path / "events.jsonl", step=trainer.state.step)
+        return
+    run.log_event("error", step=trainer.state.step, error=repr(e), traceback=traceback.format_exc())
+    out = _save(dist, run, path, trainer, "checkpoint-interrupted")
+    how = (f"continue it exactly with: tirl train --resume {path}" if trainer.state_dict()["resumable"]
+           else "it stopped inside an update: --resume takes the run's last checkpoint-N")
+    print(f"[tirl] run stopped at step {trainer.state.step} ({type(e).__name__}); weights saved to {out}; "
+          f"metrics and trajectories so far are in {path}; {how}", flush=True)

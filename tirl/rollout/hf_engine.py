@@ -40,12 +40,15 @@ def draw(logp_BV: torch.Tensor, params: SamplingParams, generators: list[torch.G
 
 
 class HFEngine:
-    """Generates with the (shared, in-process) training model: weights are always in sync."""
+    """Generates with a Hugging Face model: by default the (shared, in-process) training model,
+    whose weights are always in sync. ``own_weights=True``: ``model`` is the engine's own copy
+    (a data-parallel rank's, beside the trainer's sharded one), refreshed by :meth:`load_weights`."""
 
     per_request_seeds = True  # each row may carry its own seed (its own torch.Generator)
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int = 16, own_weights: bool = False):
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.shares_weights = not own_weights
         eos = tokenizer.eos_token_id
         cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ids = {eos} if eos is not None else set()
@@ -64,6 +67,16 @@ class HFEngine:
             for i, g in zip(idx, gens):
                 out[i] = g
         return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def load_weights(self, model, via: str = "memory", tensors=None) -> None:
+        """Copy ``tensors`` (``(name, full tensor)`` pairs, one at a time; default ``model``'s
+        state dict) into the engine's own copy of the weights."""
+        if self.shares_weights:
+            return
+        mine = self.model.state_dict()
+        for name, t in tensors if tensors is not None else model.state_dict().items():
+            mine[name].copy_(t)
 
     def _generators(self, prompts, seeds, device) -> list[torch.Generator] | None:
         if seeds is None:

@@ -103,13 +103,14 @@ class _Ctx:
     protocol: ToolProtocol
 
 
-def _builders(items: list[tuple[Problem, int, Prompt]], seed: int | None, engine) -> list[_Builder]:
+def _builders(items: list[tuple[Problem, int, Prompt]], seed: int | None, engine, first: int = 0) -> list[_Builder]:
     """One builder per item; with a ``seed`` and an engine that takes per-request seeds (vLLM and
     the HF engine), each trajectory samples from its own stream, derived from (seed, its index):
     the same tokens whatever the batch or the timing of tool calls. (Without a seed, an engine
-    samples from its own or torch's global generator.)"""
+    samples from its own or torch's global generator.) ``first``: the index of ``items[0]`` in
+    the whole batch (a data-parallel rank rolls out a slice of it)."""
     own = _own_seeds(seed, engine)
-    return [_Builder(p, g, pr, derive_seed(seed, i) if own else None) for i, (p, g, pr) in enumerate(items)]
+    return [_Builder(p, g, pr, derive_seed(seed, i) if own else None) for i, (p, g, pr) in enumerate(items, start=first)]
 
 
 def _own_seeds(seed: int | None, engine) -> bool:
@@ -135,19 +136,20 @@ def rollout(
     protocol: ToolProtocol = TORL,
     mode: str = "lockstep",
     seed: int | None = None,
+    first_index: int = 0,
 ) -> tuple[list[Trajectory], RolloutTimes]:
     """Sample one trajectory per ``(problem, group, prompt)`` item, with ``protocol``'s tool format.
 
     ``mode="lockstep"``: turns over the whole batch (generate all, then run all their code).
     ``mode="async"``: one coroutine per trajectory (:func:`rollout_async`). Same trajectories
     either way; only the order in which the engine sees requests differs. ``seed``: see
-    :func:`_builders`."""
+    :func:`_builders` (``first_index`` too)."""
     if mode == "async":
-        return asyncio.run(rollout_async(engine, tokenizer, sandbox, items, params, limits, protocol, seed))
+        return asyncio.run(rollout_async(engine, tokenizer, sandbox, items, params, limits, protocol, seed, first_index))
     if mode != "lockstep":
         raise ValueError(f"unknown rollout mode {mode!r}; use 'lockstep' or 'async'")
     ctx = _Ctx(tokenizer, sandbox, params, limits, protocol)
-    builders = _builders(items, seed, engine)
+    builders = _builders(items, seed, engine, first_index)
     clock, seeded = _Clock(), _own_seeds(seed, engine)
     with _sessions(engine, builders) as sessions:
         for turn in range(limits.max_tool_calls + 1):
@@ -195,13 +197,14 @@ async def rollout_async(
     limits: RolloutLimits,
     protocol: ToolProtocol = TORL,
     seed: int | None = None,
+    first_index: int = 0,
 ) -> tuple[list[Trajectory], RolloutTimes]:
     """One coroutine per trajectory: while one waits for the sandbox, the others keep generating.
     Each turn continues from the exact token ids so far. An engine without ``agenerate`` is
     wrapped in :class:`BatchingAsyncEngine`. ``seed``: see :func:`_builders`."""
     aengine = engine if hasattr(engine, "agenerate") else BatchingAsyncEngine(engine)  # type: ignore[arg-type]
     ctx = _Ctx(tokenizer, sandbox, params, limits, protocol)
-    builders = _builders(items, seed, aengine)
+    builders = _builders(items, seed, aengine, first_index)
     clock = _Clock()
     with _sessions(aengine, builders) as sessions:
         await asyncio.gather(*(_one_trajectory(aengine, b, ctx, clock, sessions) for b in builders))

@@ -352,7 +352,7 @@ class VLLMEngine:
             s.resume = None
             self.release(key)
 
-    def load_weights(self, model, via: str = "memory") -> None:
+    def load_weights(self, model, via: str = "memory", tensors=None) -> None:
         """Copy the trainer's current weights into the engine (after every update).
 
         ``memory``: the tensors themselves go to the model runner (``reload_weights`` with a
@@ -360,15 +360,17 @@ class VLLMEngine:
         trainer writes a safetensors checkpoint to ``/dev/shm`` and the engine reloads it from that
         path; only the path crosses the process boundary, so this is how an engine in another
         process (vLLM's multiprocess engine core, a separate rollout server sharing the host)
-        is synced. Across hosts, the same call takes a path on shared storage."""
+        is synced. Across hosts, the same call takes a path on shared storage. ``tensors``:
+        ``(name, full tensor)`` pairs to send instead of ``model.state_dict()`` (a sharded
+        trainer's, gathered one at a time)."""
         if via == "memory":
-            state = {k: v.detach() for k, v in model.state_dict().items()}
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+            pairs = tensors if tensors is not None else ((k, v.detach()) for k, v in model.state_dict().items())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs)})
         elif via == "disk":
             root = "/dev/shm" if os.path.isdir("/dev/shm") else None
             path = tempfile.mkdtemp(prefix="tirl-weights-", dir=root)
             try:
-                _save_full_state(model, path)
+                _save_full_state(model, path, tensors)
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
             finally:
                 shutil.rmtree(path, ignore_errors=True)
@@ -473,7 +475,7 @@ def _share_parallel_state() -> None:
     vcore._tirl_shares_parallel_state = True
 
 
-def _save_full_state(model, path: str) -> None:
+def _save_full_state(model, path: str, tensors=None) -> None:
     """Every named tensor, tied ones included, as one safetensors file (+ the config).
 
     ``save_pretrained`` drops tied duplicates (``lm_head.weight`` of a tied-embedding model);
@@ -482,7 +484,7 @@ def _save_full_state(model, path: str) -> None:
     from safetensors.torch import save_file
 
     state, seen = {}, set()
-    for k, v in model.state_dict().items():
+    for k, v in tensors if tensors is not None else model.state_dict().items():
         t = v.detach().contiguous().cpu()  # (a no-op on CPU, where tied tensors keep one storage)
         key = (t.data_ptr(), t.numel(), t.dtype)
         state[k] = t.clone() if key in seen else t  # safetensors refuses shared storage

@@ -12,10 +12,11 @@ import copy
 import torch
 from torch import nn
 
+from tirl.dist import Dist
 from tirl.loss import AGGREGATIONS, Normaliser, value_loss
 from tirl.models import compute_context
 from tirl.types import Trajectory
-from tirl.update.step import _pad, device_of, pad_tokens
+from tirl.update.step import SINGLE, _pad, chunks, device_of, dummy_pass, pad_tokens
 
 
 class ValueModel(nn.Module):
@@ -32,7 +33,7 @@ class ValueModel(nn.Module):
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
         with compute_context(self):
             h = self.body(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
-        v = self.head(h[:, :-1].float()).squeeze(-1)
+        v = self.head(h[:, :-1].to(self.head.weight.dtype)).float().squeeze(-1)  # (FSDP may cast the head)
         return torch.nn.functional.pad(v, (1, 0), value=0.0)  # [B, T], column 0 = 0
 
 
@@ -41,11 +42,15 @@ def _batch(trajs: list[Trajectory], pad_id: int, device):
 
 
 @torch.no_grad()
-def critic_values(critic: ValueModel, trajs: list[Trajectory], size: int, pad_id: int) -> list[list[float]]:
+def critic_values(critic: ValueModel, trajs: list[Trajectory], size: int, pad_id: int,
+                  dist: Dist = SINGLE) -> list[list[float]]:
     critic.eval()
     out: list[list[float]] = []
-    for c in range(0, len(trajs), size):
-        part = trajs[c : c + size]
+    for idx in chunks(list(range(len(trajs))), size, dist):
+        if idx is None:
+            dummy_pass(critic, pad_id, forward=critic)
+            continue
+        part = [trajs[i] for i in idx]
         ids, attn, _ = _batch(part, pad_id, device_of(critic))
         v = critic(ids, attn)
         out += [v[i, : len(t.token_ids)].tolist() for i, t in enumerate(part)]
@@ -53,23 +58,30 @@ def critic_values(critic: ValueModel, trajs: list[Trajectory], size: int, pad_id
 
 
 def critic_update(critic: ValueModel, optimizer, trajs: list[Trajectory], returns: list[list[float]],
-                  old_values: list[list[float]], clip: float | None, micro: int, grad_clip: float, pad_id: int) -> dict[str, float]:
-    """One optimizer step of the (clipped) value loss, token-mean over policy tokens."""
-    norm = Normaliser(num_tokens=sum(sum(t.mask) for t in trajs), num_seqs=len(trajs))
+                  old_values: list[list[float]], clip: float | None, micro: int, grad_clip: float, pad_id: int,
+                  dist: Dist = SINGLE) -> dict[str, float]:
+    """One optimizer step of the (clipped) value loss, token-mean over policy tokens (of every
+    rank's trajectories: the normaliser and the statistics are global)."""
+    n_tok, n_seq = dist.sum([float(sum(sum(t.mask) for t in trajs)), float(len(trajs))])
+    norm = Normaliser(num_tokens=int(n_tok), num_seqs=int(n_seq))
     critic.train()
     optimizer.zero_grad(set_to_none=True)
     total = clipped = 0.0
     dev = device_of(critic)
-    for c in range(0, len(trajs), micro):
-        part = trajs[c : c + micro]
-        ids, attn, mask = _batch(part, pad_id, dev)
+    for idx in chunks(list(range(len(trajs))), micro, dist):
+        if idx is None:
+            dummy_pass(critic, pad_id, backward=True, forward=critic)
+            continue
+        ids, attn, mask = _batch([trajs[i] for i in idx], pad_id, dev)
         width = ids.shape[1]
-        ret, old = _pad(returns[c : c + micro], width, torch.float, dev), _pad(old_values[c : c + micro], width, torch.float, dev)
+        ret = _pad([returns[i] for i in idx], width, torch.float, dev)
+        old = _pad([old_values[i] for i in idx], width, torch.float, dev)
         loss_BT, frac = value_loss(critic(ids, attn), old, ret, clip)
         loss = AGGREGATIONS["token-mean"](loss_BT, mask, norm)
         loss.backward()
         total += float(loss.detach())
         clipped += float((frac * mask).sum())
-    gn = torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip)
+    total, clipped = dist.sum([total, clipped])
+    gn = dist.clip_grad_norm(critic.parameters(), grad_clip)
     optimizer.step()
-    return {"critic/value_loss": total, "critic/clip_frac": clipped / max(norm.num_tokens, 1), "critic/grad_norm": float(gn)}
+    return {"critic/value_loss": total, "critic/clip_frac": clipped / max(norm.num_tokens, 1), "critic/grad_norm": gn}

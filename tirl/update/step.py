@@ -1,6 +1,12 @@
 """Policy updates over a batch of trajectories: PPO epochs x mini-batches, micro-batching with
 gradient accumulation (the loss is normalised over the whole mini-batch, so 1 x 8 micro-batches
-give the same gradient as 8 x 1)."""
+give the same gradient as 8 x 1).
+
+Under data parallelism (``dist``, see :mod:`tirl.dist`) each rank passes its own trajectories and
+their positions in the step's global batch: mini-batches are drawn from the global batch, the
+normaliser counts the global mini-batch, and gradients are summed over ranks, so N ranks take the
+step one process would take on the same trajectories. Every rank runs the same number of
+(sharded) forward passes: a rank short of micro-batches runs :func:`dummy_pass`."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tirl.dist import Dist
 from tirl.loss import AGGREGATIONS, POLICY_LOSSES, Normaliser, kl_penalty
 from tirl.types import Trajectory
 from tirl.update.logprobs import token_logprobs
@@ -59,16 +66,38 @@ def collate(trajs: list[Trajectory], advantages: list, pad_id: int, old: list | 
                       _pad(ref, width, torch.float, device) if ref else None)
 
 
+SINGLE = Dist()  # one process: every collective is the identity
+
+
+def dummy_pass(model, pad_id: int, backward: bool = False, forward=None) -> None:
+    """A forward (and backward) pass that changes nothing: what a rank with no batch left runs
+    so that the others' sharded passes find it in step. Its loss is 0, its gradient 0.
+    ``forward(ids, attention_mask)``: default the policy's :func:`token_logprobs`."""
+    ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device_of(model))
+    out = (forward or (lambda i, a: token_logprobs(model, i, a)))(ids, torch.ones_like(ids))
+    if backward:
+        (out.sum() * 0.0).backward()
+
+
+def chunks(order: list[int], size: int, dist: Dist = SINGLE) -> list[list[int] | None]:
+    """``order`` in chunks of ``size``, padded with None to as many chunks as any rank has."""
+    parts: list[list[int] | None] = [order[c : c + size] for c in range(0, len(order), size)]
+    return parts + [None] * (dist.rounds(len(parts)) - len(parts))
+
+
 @torch.no_grad()
-def sequence_logprobs(model, trajs: list[Trajectory], size: int, pad_id: int, temperature: float) -> list[list[float]]:
+def sequence_logprobs(model, trajs: list[Trajectory], size: int, pad_id: int, temperature: float,
+                      dist: Dist = SINGLE) -> list[list[float]]:
     """Per-token log-probs of each trajectory under ``model`` (no gradient): the reference
     policy's, or the trainer's own before an update (``ratio_against = "recompute"``)."""
     was = model.training
     model.eval()
     out: list[list[float]] = [[] for _ in trajs]
     order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].token_ids))
-    for c in range(0, len(order), size):
-        idx = order[c : c + size]
+    for idx in chunks(order, size, dist):
+        if idx is None:
+            dummy_pass(model, pad_id)
+            continue
         mb = collate([trajs[i] for i in idx], [0.0] * len(idx), pad_id, device=device_of(model))
         lp = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature)
         for j, i in enumerate(idx):
@@ -83,83 +112,113 @@ def _is_zero(a) -> bool:
 
 def policy_update(model, optimizer, trajs: list[Trajectory], advantages: list, algo, optim, *, temperature: float,
                   pad_id: int, ref_logprobs: list[list[float]] | None = None, const_len: int = 1,
-                  skip_zero_adv: bool = True, seed: int = 0) -> dict[str, float]:
-    """``algo.ppo_epochs`` passes over ``trajs`` in ``algo.mini_batches`` optimizer steps each.
-    The ratio's denominator: the sampler's log-probs (``ratio_against = "sampler"``: the behaviour
-    policy) or the trainer's own before the update (``"recompute"``, as verl). Returns metrics."""
-    n_mb = min(algo.mini_batches, len(trajs))
+                  skip_zero_adv: bool = True, seed: int = 0, dist: Dist = SINGLE,
+                  index: list[int] | None = None) -> dict[str, float]:
+    """``algo.ppo_epochs`` passes over the step's trajectories in ``algo.mini_batches`` optimizer
+    steps each. The ratio's denominator: the sampler's log-probs (``ratio_against = "sampler"``:
+    the behaviour policy) or the trainer's own before the update (``"recompute"``, as verl).
+    ``trajs`` are this rank's, ``index[i]`` the position of ``trajs[i]`` in the step's global batch
+    (default: a single process, positions 0..n-1). Returns metrics over all ranks."""
+    index = list(range(len(trajs))) if index is None else index
+    total = int(dist.sum([float(len(trajs))])[0])
+    n_mb = min(algo.mini_batches, total)
     on_policy = algo.ppo_epochs == 1 and n_mb == 1 and algo.ratio_against == "recompute"
     old = None
     if algo.ratio_against == "recompute" and not on_policy:
-        old = sequence_logprobs(model, trajs, optim.micro_batch_size, pad_id, temperature)
+        old = sequence_logprobs(model, trajs, optim.micro_batch_size, pad_id, temperature, dist)
     stats: dict[str, float] = {}
-    order = list(range(len(trajs)))
+    order = list(range(total))
+    here = {g: i for i, g in enumerate(index)}
     for epoch in range(algo.ppo_epochs):
         if epoch or n_mb > 1:
             random.Random(seed * 7919 + epoch).shuffle(order)
         for m in range(n_mb):
-            idx = order[m::n_mb]
+            idx = [here[g] for g in order[m::n_mb] if g in here]  # this rank's part of the global mini-batch
             part = _minibatch_step(model, optimizer, [trajs[i] for i in idx], [advantages[i] for i in idx],
                                    [old[i] for i in idx] if old else None,
                                    [ref_logprobs[i] for i in idx] if ref_logprobs else None,
-                                   algo, optim, temperature, pad_id, const_len, skip_zero_adv, on_policy)
+                                   algo, optim, temperature, pad_id, const_len, skip_zero_adv, on_policy, dist)
             for k, v in part.items():
                 stats[k] = stats.get(k, 0.0) + v / (algo.ppo_epochs * n_mb)
     return stats
 
 
+_SUMS = ("loss", "clip_low", "clip_high", "clip_dual", "mismatch_abs", "mismatch_kl", "entropy", "kl", "tokens")
+
+
 def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, temperature, pad_id, const_len,
-                    skip_zero_adv, on_policy) -> dict[str, float]:
+                    skip_zero_adv, on_policy, dist: Dist = SINGLE) -> dict[str, float]:
     """One optimizer step. Rows with advantage exactly 0 (and no KL or entropy term) contribute
     exactly 0 gradient; ``skip_zero_adv`` leaves them out of the forward pass (they still count
     in the normaliser, so the gradient is unchanged)."""
-    norm = Normaliser(num_tokens=sum(sum(t.mask) for t in trajs), num_seqs=len(trajs), const_len=const_len)
-    loss_fn, agg = POLICY_LOSSES[algo.loss], AGGREGATIONS[algo.aggregation]
+    n_tok, n_seq = dist.sum([float(sum(sum(t.mask) for t in trajs)), float(len(trajs))])
+    norm = Normaliser(num_tokens=int(n_tok), num_seqs=int(n_seq), const_len=const_len)
     needs_all = algo.kl_coef > 0 and algo.kl_in == "loss" or algo.entropy_coef > 0
     rows = [i for i, a in enumerate(advantages) if needs_all or not (skip_zero_adv and _is_zero(a))]
     rows.sort(key=lambda i: len(trajs[i].token_ids))
-    sums = dict.fromkeys(("loss", "clip_low", "clip_high", "clip_dual", "mismatch_abs", "mismatch_kl", "entropy", "kl", "tokens"), 0.0)
+    sums = dict.fromkeys(_SUMS, 0.0)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    for c in range(0, len(rows), optim.micro_batch_size):
-        idx = rows[c : c + optim.micro_batch_size]
+    for idx in chunks(rows, optim.micro_batch_size, dist):
+        if idx is None:
+            dummy_pass(model, pad_id, backward=True)
+            continue
         mb = collate([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id,
                      [old[i] for i in idx] if old else None, [ref[i] for i in idx] if ref else None, device_of(model))
-        logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True,
-                                   entropy_grad=algo.entropy_coef > 0)
-        old_lp = logp.detach() if on_policy else mb.old_logprobs
-        loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c)
-        m = mb.loss_mask
-        kl = kl_penalty(logp, mb.ref_logprobs, algo.kl_estimator) if mb.ref_logprobs is not None else torch.zeros_like(logp)
-        if algo.kl_coef > 0 and algo.kl_in == "loss":
-            loss_BT = loss_BT + algo.kl_coef * kl
-        if algo.entropy_coef > 0:
-            loss_BT = loss_BT - algo.entropy_coef * ent
-        agg(loss_BT, m, norm).backward()
-        with torch.no_grad():
-            diff = logp.detach() - mb.sampler_logprobs  # log(trainer / sampler) per token
-            sums["loss"] += float(agg(loss_BT.detach(), m, norm))
-            for k in ("clip_low", "clip_high", "clip_dual"):
-                sums[k] += float((st[k] * m).sum())
-            sums["mismatch_abs"] += float((diff.abs() * m).sum())
-            sums["mismatch_kl"] += float(((torch.exp(diff) - 1 - diff) * m).sum())  # k3 of KL(sampler||trainer)
-            sums["entropy"] += float((ent.detach() * m).sum())
-            sums["kl"] += float((kl.detach() * m).sum())
-            sums["tokens"] += float(m.sum())
+        _micro_step(model, mb, algo, temperature, norm, on_policy, sums)
+    sums = dict(zip(_SUMS, dist.sum([sums[k] for k in _SUMS])))
     measured = sums["tokens"]
-    if measured == 0 and trajs:  # nothing trained: still measure the sampler/trainer mismatch and entropy
-        mb = collate(trajs[: optim.micro_batch_size], [0.0] * min(len(trajs), optim.micro_batch_size), pad_id,
-                     device=device_of(model))
-        with torch.no_grad():
-            logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True)
-            diff, m = logp - mb.sampler_logprobs, mb.loss_mask
-            sums["mismatch_abs"], sums["mismatch_kl"] = float((diff.abs() * m).sum()), float(((torch.exp(diff) - 1 - diff) * m).sum())
-            sums["entropy"], measured = float((ent * m).sum()), float(m.sum())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    if measured == 0 and n_seq:  # nothing trained: still measure the sampler/trainer mismatch and entropy
+        measured = _measure(model, trajs[: optim.micro_batch_size], pad_id, temperature, sums, dist)
+    grad_norm = dist.clip_grad_norm(model.parameters(), optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n, nm = max(sums["tokens"], 1.0), max(measured, 1.0)
-    return {"loss": sums["loss"], "grad_norm": float(grad_norm), "tokens_trained": sums["tokens"],
+    return {"loss": sums["loss"], "grad_norm": grad_norm, "tokens_trained": sums["tokens"],
             "clip_frac_low": sums["clip_low"] / n, "clip_frac_high": sums["clip_high"] / n, "clip_frac_dual": sums["clip_dual"] / n,
             "logprob_mismatch": sums["mismatch_abs"] / nm, "mismatch_kl": sums["mismatch_kl"] / nm,
             "entropy": sums["entropy"] / nm, "kl": sums["kl"] / n}
+
+
+def _micro_step(model, mb: MicroBatch, algo, temperature: float, norm: Normaliser, on_policy: bool,
+                sums: dict[str, float]) -> None:
+    """Forward and backward of one micro-batch; adds its statistics to ``sums``."""
+    loss_fn, agg = POLICY_LOSSES[algo.loss], AGGREGATIONS[algo.aggregation]
+    logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True,
+                               entropy_grad=algo.entropy_coef > 0)
+    old_lp = logp.detach() if on_policy else mb.old_logprobs
+    loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c)
+    m = mb.loss_mask
+    kl = kl_penalty(logp, mb.ref_logprobs, algo.kl_estimator) if mb.ref_logprobs is not None else torch.zeros_like(logp)
+    if algo.kl_coef > 0 and algo.kl_in == "loss":
+        loss_BT = loss_BT + algo.kl_coef * kl
+    if algo.entropy_coef > 0:
+        loss_BT = loss_BT - algo.entropy_coef * ent
+    agg(loss_BT, m, norm).backward()
+    with torch.no_grad():
+        diff = logp.detach() - mb.sampler_logprobs  # log(trainer / sampler) per token
+        sums["loss"] += float(agg(loss_BT.detach(), m, norm))
+        for k in ("clip_low", "clip_high", "clip_dual"):
+            sums[k] += float((st[k] * m).sum())
+        sums["mismatch_abs"] += float((diff.abs() * m).sum())
+        sums["mismatch_kl"] += float(((torch.exp(diff) - 1 - diff) * m).sum())  # k3 of KL(sampler||trainer)
+        sums["entropy"] += float((ent.detach() * m).sum())
+        sums["kl"] += float((kl.detach() * m).sum())
+        sums["tokens"] += float(m.sum())
+
+
+@torch.no_grad()
+def _measure(model, trajs, pad_id: int, temperature: float, sums: dict[str, float], dist: Dist) -> float:
+    """The sampler/trainer mismatch and entropy on a few trajectories when no token was trained;
+    returns the global count of tokens measured."""
+    if not trajs:
+        dummy_pass(model, pad_id)
+        local = [0.0, 0.0, 0.0, 0.0]
+    else:
+        mb = collate(trajs, [0.0] * len(trajs), pad_id, device=device_of(model))
+        logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True)
+        diff, m = logp - mb.sampler_logprobs, mb.loss_mask
+        local = [float((diff.abs() * m).sum()), float(((torch.exp(diff) - 1 - diff) * m).sum()),
+                 float((ent * m).sum()), float(m.sum())]
+    sums["mismatch_abs"], sums["mismatch_kl"], sums["entropy"], measured = dist.sum(local)
+    return measured

@@ -1,0 +1,247 @@
+"""Data-parallel training under torchrun: real processes, real torch.distributed (gloo, CPU),
+FSDP2 and DCP, spawned from pytest as PyTorch tests FSDP2 itself. The runs go through
+``tests/dist_entry.py`` (the real CLI, plus a deterministic stand-in reward: every group has
+signal, so every step updates, and a simulated crash when asked).
+
+The reference is one process running the same config: 2 ranks must give the same weights (1e-5;
+seen: identical) and the same metrics rows; a DCP checkpoint resumes at the other world size and
+ends where the uninterrupted run does. Each torchrun job costs ~15-25 s on 2 cores (start-up and
+imports), so the runs are shared between the tests through module-scoped fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY = REPO / "tests" / "dist_entry.py"
+
+
+def _common(tiny_model_dir: Path, data: Path, out: Path, name: str, **extra) -> list[str]:
+    base = {
+        "model.name": str(tiny_model_dir), "data.source": str(data), "train.output_dir": str(out), "train.run_name": name,
+        "rollout.engine": "hf", "rollout.prompts_per_step": 3, "rollout.group_size": 3, "rollout.max_tokens_per_turn": 24,
+        "algo.dynamic_sampling": True, "algo.resample_on_correct": 2,  # batch decisions that must agree across ranks
+        "rollout.max_response_tokens": 48, "rollout.temperature": 1.0, "optim.lr": 1e-3, "optim.micro_batch_size": 2,
+        "train.steps": 3, "train.save_every": 1, "reward.terms": "{first_token_parity = 1.0, correct = 0.0}",
+    }
+    base.update(extra)
+    args = ["--config", "demo", "--no-progress", "--no-report"]
+    return args + [f"{k}={json.dumps(v) if isinstance(v, str) and not v.startswith('{') else v}" for k, v in base.items()]
+
+
+def _env(**more: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "MASTER_"))}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **more}
+
+
+def _run(args: list[str], ranks: int = 0, torchrun: list[str] | None = None, timeout: float = 240,
+         **env: str) -> subprocess.CompletedProcess:
+    """``tirl train ARGS`` alone (``ranks = 0``) or under ``torchrun --nproc-per-node RANKS``."""
+    if ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *(torchrun or ["--standalone"]),
+               "--nproc-per-node", str(ranks), str(ENTRY), "train", *args]
+    else:
+        cmd = [sys.executable, str(ENTRY), "train", *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(p: subprocess.CompletedProcess) -> None:
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-6000:])
+
+
+def _weights(run: Path, ckpt: str = "checkpoint"):
+    from safetensors.torch import load_file
+
+    return load_file(run / ckpt / "model.safetensors")
+
+
+def _assert_same_weights(a: Path, b: Path, tol: float = 1e-5) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    assert worst <= tol, worst
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _assert_same_rows(a: Path, b: Path, steps: list[int]) -> None:
+    ra = {r["step"]: r for r in _rows(a)}
+    rb = {r["step"]: r for r in _rows(b)}
+    assert sorted(rb) == sorted(ra)
+    for s in steps:
+        for k, v in ra[s].items():
+            if k.startswith("time/"):
+                continue
+            w = rb[s][k]
+            if isinstance(v, float) and isinstance(w, float):
+                assert w == pytest.approx(v, rel=1e-4, abs=1e-6), (s, k, v, w)
+            else:
+                assert v == w, (s, k, v, w)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "toy.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(8)))
+    return data, root / "runs"
+
+
+@pytest.fixture(scope="module")
+def grpo(tiny_model_dir, toy) -> dict[str, Path]:
+    """One process, 3 steps (checkpoints after each), and the same under torchrun with 2 ranks."""
+    data, out = toy
+    _ok(_run(_common(tiny_model_dir, data, out, "one")))
+    _ok(_run(_common(tiny_model_dir, data, out, "two"), ranks=2))
+    return {"one": out / "one", "two": out / "two"}
+
+
+def test_two_ranks_equal_one_rank_grpo(grpo):
+    """Same final weights and the same metrics rows (every non-timing key), and the run's start
+    event records the world size and the mesh; every rank's trajectories are in the log. The
+    config makes the batch's composition a decision of every rank: DAPO's dynamic sampling (a
+    group without signal is dropped and refilled) and resample-on-correct, with 3 groups over 2
+    ranks (one rank runs dummy passes to keep the sharded passes in step)."""
+    _assert_same_weights(grpo["one"], grpo["two"])
+    _assert_same_rows(grpo["one"], grpo["two"], [1, 2, 3])
+    rows = _rows(grpo["two"])
+    assert all(r["update/tokens_trained"] > 0 for r in rows)
+    assert sum(r["shaping/dropped_groups"] for r in rows) > 0  # the refill happened
+    start = json.loads((grpo["two"] / "events.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2 and start["mesh"] == {"device": "cpu", "shape": [2], "dims": ["dp"]}
+    for step in (1, 2, 3):
+        a = (grpo["one"] / "trajectories" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        b = (grpo["two"] / "trajectories" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        assert len(a) == len(b) == 9
+        assert [json.loads(x)["token_ids"] for x in a] == [json.loads(x)["token_ids"] for x in b]
+
+
+def test_ppo_with_a_critic_two_ranks_equal_one_rank(tiny_model_dir, toy):
+    """PPO with a critic (GAE whitened over every rank's tokens, the value loss over the global
+    batch) and a KL reference, both sharded like the policy."""
+    data, out = toy
+    extra = {"algo.advantage": "gae", "algo.critic_lr": 1e-3, "algo.kl_coef": 0.05, "train.save_every": 0}
+    _ok(_run(_common(tiny_model_dir, data, out, "ppo-one", **extra)))
+    _ok(_run(_common(tiny_model_dir, data, out, "ppo-two", **extra), ranks=2))
+    _assert_same_weights(out / "ppo-one", out / "ppo-two")
+    _assert_same_rows(out / "ppo-one", out / "ppo-two", [1, 2, 3])
+    assert _rows(out / "ppo-two")[-1]["update/critic/value_loss"] > 0
+
+
+def test_a_checkpoint_of_one_rank_resumes_at_two(grpo, tmp_path):
+    """1 -> 2: the single process's checkpoint after step 2, resumed by 2 ranks to step 3, ends
+    with the uninterrupted run's weights."""
+    run = tmp_path / "one"
+    shutil.copytree(grpo["one"], run)
+    _ok(_run(["--resume", str(run / "checkpoint-2"), "--no-progress", "--no-report"], ranks=2))
+    _assert_same_weights(grpo["one"], run)
+    _assert_same_rows(grpo["one"], run, [3])
+
+
+def test_a_failing_rank_ends_the_job_and_its_checkpoint_resumes_at_one_rank(tiny_model_dir, toy, grpo):
+    """Rank 1 raises in the middle of step 3: the job ends well within 60 s, the error is
+    printed once with its rank (the other rank says in one line that it stopped because of it),
+    the error is in events.jsonl; the checkpoint the 2 ranks wrote after step 2 resumes at 1
+    rank (2 -> 1) and ends where the uninterrupted run does."""
+    data, out = toy
+    t0 = time.monotonic()
+    p = _run(_common(tiny_model_dir, data, out, "fail"), ranks=2, TIRL_TEST_FAIL="1:3")
+    took = time.monotonic() - t0
+    assert p.returncode != 0
+    text = p.stdout + p.stderr
+    assert text.count("[tirl] rank 1 of 2 failed: RuntimeError: simulated crash of rank 1 at step 3") == 1, text[-4000:]
+    assert text.count("Traceback (most recent call last)") <= 2  # ours (rank 1), and torchrun's own summary
+    assert took < 60, took
+    run = out / "fail"
+    errors = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"error"' in x]
+    assert [(e["rank"], e["step"]) for e in errors] == [(1, 3)]
+    from tirl.run import find_checkpoint
+
+    assert find_checkpoint(run).name == "checkpoint-2"
+    _ok(_run(["--resume", str(run), "--no-progress", "--no-report"]))
+    _assert_same_weights(grpo["one"], run)
+
+
+def test_torchrun_max_restarts_resumes_the_run(tiny_model_dir, toy, grpo):
+    """The same crash under ``--max-restarts 1`` (it happens in the first attempt only): torchrun
+    brings the job back, it resumes the named run from its last checkpoint (2 ranks) and
+    finishes with the uninterrupted run's weights."""
+    data, out = toy
+    p = _run(_common(tiny_model_dir, data, out, "restart"), ranks=2, torchrun=["--standalone", "--max-restarts", "1"],
+             TIRL_TEST_FAIL="1:3")
+    _ok(p)
+    assert "restart 1 of the job: resuming" in p.stdout
+    _assert_same_weights(grpo["one"], out / "restart")
+
+
+def test_sft_two_ranks_equal_one_rank(tiny_model_dir, tmp_path):
+    """`tirl sft` under torchrun: each rank trains on its share of every batch (loss normalised
+    by the whole batch's tokens, gradients summed): the weights one process reaches, and the
+    same loss curve; the export is gathered from the shards by one rank."""
+    data = tmp_path / "traces.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} * 7?", "response": f"Compute it.\n```python\n"
+                                        f"print({i} * 7)\n```\n```output\n{i * 7}\n```\nSo \\boxed{{{i * 7}}}."}) + "\n"
+                            for i in range(12)))
+    args = ["--no-progress", f"model.name={json.dumps(str(tiny_model_dir))}", f"sft.data={json.dumps(str(data))}",
+            "sft.steps=3", "sft.batch_size=6", "optim.micro_batch_size=2", "sft.lr=1e-3",
+            f"train.output_dir={json.dumps(str(tmp_path / 'runs'))}"]
+    for name, cmd in (("one", [sys.executable, "-m", "tirl", "sft"]),
+                      ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "tirl", "sft"])):
+        _ok(subprocess.run([*cmd, *args, f"train.run_name={name}"], cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=240))
+    _assert_same_weights(tmp_path / "runs" / "one", tmp_path / "runs" / "two")
+    _assert_same_rows(tmp_path / "runs" / "one", tmp_path / "runs" / "two", [1, 2, 3])
+    config = json.loads((tmp_path / "runs" / "two" / "checkpoint" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]  # not FSDP's wrapper class
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.embedded
+def test_two_nodes_on_localhost_train_the_embedded_model(toy, tmp_path):
+    """Two torchrun agents, each a node of one process (``--nnodes 2``, c10d rendezvous on
+    127.0.0.1), run 2 steps of the embedded SmolLM2-135M."""
+    from tirl.models import embedded_model_dir
+
+    model = embedded_model_dir("smollm2-135m-instruct")  # converted once, before the agents start
+    data, _ = toy
+    port = _free_port()
+    args = _common(model, data, tmp_path / "runs", "nodes", **{
+        "train.steps": 2, "train.save_every": 0, "rollout.prompts_per_step": 2, "rollout.group_size": 2,
+        "rollout.max_tokens_per_turn": 8, "rollout.max_response_tokens": 8, "optim.lr": 1e-5})
+    agents = []
+    for node in (0, 1):
+        rdzv = ["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tirl-test"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc-per-node", "1", str(ENTRY), "train", *args]
+        agents.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True))
+    outs = []
+    for a in agents:
+        try:
+            outs.append(a.communicate(timeout=300)[0])
+        finally:
+            a.kill()
+    assert [a.returncode for a in agents] == [0, 0], [o[-3000:] for o in outs]
+    rows = _rows(tmp_path / "runs" / "nodes")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert len((tmp_path / "runs" / "nodes" / "trajectories" / "step_000002.jsonl").read_text().splitlines()) == 4
+    start = json.loads((tmp_path / "runs" / "nodes" / "events.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2
