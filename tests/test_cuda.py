@@ -69,6 +69,31 @@ def test_hf_engine_generates_on_the_gpu(tiny_model_dir):
 
 
 @cuda
+@pytest.mark.parametrize("params", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.0, 1.0, 30)], ids=["T1", "T0.7-p0.9", "k30"])
+def test_hf_engine_on_the_gpu_draws_from_the_distribution_it_records(tiny_model_dir, params):
+    """The statistical sampler check of ``test_sampling.py`` on a CUDA model (its own generators
+    live on the GPU): 4,000 draws at one position against the exact distribution."""
+    import numpy as np
+
+    from sampler_stats import check_draws, exact_probs
+    from tirl.rollout.engine import SamplingParams
+    from tirl.rollout.hf_engine import HFEngine
+
+    model, tok = load_model(str(tiny_model_dir))
+    model = model.to("cuda")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(5.0)  # a peaked distribution with a long tail (see test_sampling)
+    ids = tok("What is 700 * 31?")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1].float().cpu()
+    p = SamplingParams(*params)
+    n = 4000
+    gens = HFEngine(model, tok, batch_size=1000).generate([ids] * n, [1] * n, p, seeds=list(range(n)))
+    probs = exact_probs(logits.numpy(), p.temperature, p.top_k, p.top_p)
+    check_draws(np.array([g.token_ids[0] for g in gens]), probs, str(p))
+
+
+@cuda
 def test_critic_and_sft_steps_match_the_cpu(tiny_model_dir):
     from tirl.sft import SFTExample, sft_step
     from tirl.update.critic import ValueModel, critic_update, critic_values
