@@ -152,12 +152,14 @@ def _same_final_weights(a, b) -> bool:
 
 
 def _resume_extra(**more):
-    """Overrides of the resume tests: a deterministic stand-in reward (every group has signal, the
-    same in every run) and a warm-up that is still moving the learning rate at steps 3-4."""
+    """Overrides of the resume tests: a deterministic stand-in reward (the parity of the first
+    sampled token: groups have signal, the same in every run) and a warm-up that is still moving
+    the learning rate at steps 3-4. (The parity of the whole length had no signal once the HF engine
+    sampled the full distribution: every response ran to the token budget.)"""
     from tirl.reward import register_term
 
-    register_term("length_parity")(lambda traj, cfg: 1.0 if len(traj.token_ids) % 2 else -1.0)
-    return {"train.steps": 4, "optim.warmup_steps": 6, "reward.terms": "{length_parity = 1.0, correct = 0.0}", **more}
+    register_term("first_token_parity")(lambda traj, cfg: 1.0 if traj.token_ids[traj.prompt_len] % 2 else -1.0)
+    return {"train.steps": 4, "optim.warmup_steps": 6, "reward.terms": "{first_token_parity = 1.0, correct = 0.0}", **more}
 
 
 @pytest.mark.parametrize("algo", [{"algo.kl_coef": 0.05, "algo.entropy_coef": 0.01},
@@ -184,6 +186,32 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path, algo):
     assert _same_final_weights(a, b)
     events = [json.loads(line)["event"] for line in (b / "events.jsonl").read_text().splitlines()]
     assert "resume" in events
+
+
+def test_a_checkpoint_from_before_the_dcp_format_still_resumes(tiny_model_dir, tmp_path):
+    """A checkpoint in the older single-process format (``trainer.pt`` beside the HF folder, no
+    ``trainer/``) resumes exactly: 4 steps in one go == 2 steps saved that way + --resume to 4."""
+    import shutil
+
+    import torch
+
+    from tirl.run import resume_config
+
+    extra = _resume_extra(**{"algo.kl_coef": 0.05})
+    a = train(load_config("demo", _overrides(tiny_model_dir, tmp_path, **extra, **{"train.run_name": "a"})), progress=False)
+    b = train(load_config("demo", _overrides(tiny_model_dir, tmp_path, **{**extra, "train.steps": 2, "train.run_name": "b"})),
+              progress=False)
+    ckpt = b / "checkpoint"
+    trainer = Trainer(resume_config(ckpt, ["train.steps=4"])[0])
+    trainer.restore(ckpt)  # then written as the trainer of that time wrote it
+    torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                "ref": trainer.ref_model.state_dict()}, ckpt / "trainer.pt")
+    trainer.close()
+    shutil.rmtree(ckpt / "trainer")
+    assert main(["train", "--resume", str(b), "--no-progress", "--no-report", "train.steps=4"]) == 0
+    assert all(r["update/grad_norm"] > 0 for r in _rows(b))  # every step moved the weights
+    assert _same_final_weights(a, b)
+    assert (b / "checkpoint" / "trainer" / ".metadata").is_file()  # what it writes now is the new format
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, capsys):

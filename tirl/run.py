@@ -31,9 +31,13 @@ from tirl.types import TirlError, Trajectory
 TRAINER_DIR = "trainer"  # the DCP checkpoint inside a checkpoint folder
 
 
+LEGACY_TRAINER_FILE = "trainer.pt"  # the training state of checkpoints written before DCP (one process)
+
+
 def has_training_state(ckpt: Path) -> bool:
-    """Whether ``ckpt`` holds a complete DCP checkpoint of the training state."""
-    return (Path(ckpt) / TRAINER_DIR / ".metadata").is_file()
+    """Whether ``ckpt`` holds a complete DCP checkpoint of the training state (or an older
+    single-process ``trainer.pt``)."""
+    return (Path(ckpt) / TRAINER_DIR / ".metadata").is_file() or (Path(ckpt) / LEGACY_TRAINER_FILE).is_file()
 
 
 def find_checkpoint(path: Path) -> Path:

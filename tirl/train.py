@@ -35,7 +35,7 @@ from tirl.rollout import RolloutLimits, SamplingParams, resolve_mode, rollout
 from tirl.rollout.engine import derive_seed
 from tirl.rollout.protocol import get_protocol
 from tirl.rollout.hf_engine import HFEngine
-from tirl.run import RunDir, check_resumable, load_training_state, save_checkpoint
+from tirl.run import LEGACY_TRAINER_FILE, TRAINER_DIR, RunDir, check_resumable, load_training_state, save_checkpoint
 from tirl.sandbox import describe, make_sandbox
 from tirl.shaping import has_signal, resample_on_correct, takes_part
 from tirl.types import TirlError, Trajectory
@@ -348,11 +348,10 @@ class Trainer:
         from tirl.dist import set_model_state, set_optimizer_state
 
         state = check_resumable(ckpt)
+        if not (ckpt / TRAINER_DIR / ".metadata").is_file():
+            return self._restore_legacy(ckpt, state)
         parts = state.get("parts", [])
-        for have, key in ((self.critic is not None, "critic"), (self.ref_model is not None, "ref")):
-            if have != (key in parts):
-                raise TirlError(f"{ckpt} was saved {'with' if key in parts else 'without'} a {key} model and the config "
-                                f"{'has one' if have else 'has none'}; resume with the run's own config.")
+        self._check_parts(ckpt, parts)
         saved = self.training_state(parts)
         load_training_state(self.dist, ckpt, saved)
         set_model_state(self.model, saved["model"])
@@ -369,6 +368,32 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         self._sync_engine()  # an engine with its own copy starts from the restored weights
+        self.sampler.load_state_dict(state["data"])
+        self.done = self.state = TrainState(state["step"], state["data"])
+
+
+    def _check_parts(self, ckpt: Path, parts) -> None:
+        for have, key in ((self.critic is not None, "critic"), (self.ref_model is not None, "ref")):
+            if have != (key in parts):
+                raise TirlError(f"{ckpt} was saved {'with' if key in parts else 'without'} a {key} model and the config "
+                                f"{'has one' if have else 'has none'}; resume with the run's own config.")
+
+    def _restore_legacy(self, ckpt: Path, state: dict[str, Any]) -> None:
+        """A checkpoint written before the DCP format (``trainer.pt``: one process's optimizer,
+        scheduler, critic and reference): it resumes in one process; the checkpoints it writes
+        then resume at any world size."""
+        if self.dist.active:
+            raise TirlError(f"{ckpt} is a single-process checkpoint from before tirl's sharded format (trainer.pt). "
+                            "Fix: resume it once without torchrun; its next checkpoints resume at any world size.")
+        extra = torch.load(ckpt / LEGACY_TRAINER_FILE, map_location=device_of(self.model), weights_only=True)
+        self._check_parts(ckpt, extra)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if self.critic is not None:
+            self.critic.load_state_dict(extra["critic"])
+            self.critic_opt.load_state_dict(extra["critic_optimizer"])
+        if self.ref_model is not None:
+            self.ref_model.load_state_dict(extra["ref"])
         self.sampler.load_state_dict(state["data"])
         self.done = self.state = TrainState(state["step"], state["data"])
 
