@@ -1,30 +1,45 @@
-"""Trainer throughput: tirl's policy update vs a bare masked-NLL training step, same model, same
-batch, same optimizer, same run.
+"""Trainer throughput and memory: tirl's policy update vs a bare masked-NLL training step, same
+model, same batch, same optimizer; each row in a fresh process.
 
-    .venv/bin/python benchmarks/update_bench.py [--shape qwen2.5-0.5b] [--dtype bfloat16] [--compute-dtype auto] [--device auto]
-        [--batch 16] [--seq 1024] [--micro 4] [--steps 3] [--entropy-coef 0]
+    .venv/bin/python benchmarks/update_bench.py [--shape qwen2.5-0.5b] [--dtype bfloat16] [--compute-dtype auto]
+        [--device auto] [--batch 16] [--seq 1024] [--min-seq N] [--micro 4] [--max-tokens N] [--chunk 1024]
+        [--no-pack] [--steps 3] [--entropy-coef 0] [--grad-ckpt] [--before GIT_REF]
 
 The model is randomly initialised with a real configuration (no weights are downloaded); the
-batch is ``--batch`` trajectories of ``--seq`` random tokens: a quarter prompt (mask 0), the rest a
-response with two inserted tool outputs of 1/16 of the length each (mask 0), sampler log-probs and
-advantages of +-1. Rows:
+batch is ``--batch`` trajectories of ``--seq`` random tokens (``--min-seq``: lengths spread evenly
+from it to ``--seq``): a quarter prompt (mask 0), the rest a response with two inserted tool outputs
+of 1/16 of its length each (mask 0), sampler log-probs and advantages of +-1. Rows:
 
-* ``bare NLL``: for each micro-batch one forward with transformers' own causal-LM loss (``labels``,
-  -100 where the mask is 0, normalised over the batch), one backward; then gradient clipping and an
-  AdamW step: what a plain supervised step over these tokens costs;
-* ``tirl``: :func:`tirl.update.policy_update` (GRPO's PPO-clip loss, token-mean, one mini-batch,
-  with the per-token log-probs, entropy and sampler/trainer mismatch it logs).
+* ``bare NLL``: for each micro-batch of ``--micro`` one forward with transformers' own causal-LM
+  loss (``labels``, -100 where the mask is 0, normalised over the batch), one backward; then gradient
+  clipping and an AdamW step: what a plain supervised step over these tokens costs;
+* ``tirl before`` (with ``--before REF``): :func:`tirl.update.policy_update` of the package as of
+  that commit (the full ``[B, T, V]`` logits, right-padded micro-batches of ``--micro``);
+* ``tirl``: today's ``policy_update`` (GRPO's PPO-clip loss, token-mean, one mini-batch, with the
+  per-token log-probs, entropy and sampler/trainer mismatch it logs), micro-batches by
+  ``--max-tokens`` (packed unless ``--no-pack``), the LM head in blocks of ``--chunk`` tokens.
 
 Tokens/s counts every token in the batch (prompt and tool outputs included: the forward pass runs
-over them); peak memory is the accelerator's (CUDA only). ``--shape tiny`` (a 2-layer model) is a
-smoke run for CPUs.
+over them). Memory: on CUDA the peak allocated after a warm-up update; on the CPU the process's
+peak resident memory. ``update GiB`` is that peak less what was held before the timed updates
+(weights and AdamW state, created beforehand with a zero gradient), i.e. what the update itself
+needs. ``--shape tiny`` (a 2-layer model) is a smoke run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 SHAPES = {  # Qwen2.5's published configurations (config.json), vocab as shipped
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -45,17 +60,20 @@ def build_model(shape: str, dtype, device):
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
 
 
-def make_batch(n: int, seq: int, vocab: int, seed: int = 0):
-    """``n`` trajectories of ``seq`` tokens: prompt, response with two tool outputs (mask 0)."""
+def make_batch(n: int, seq: int, vocab: int, seed: int = 0, min_seq: int | None = None):
+    """``n`` trajectories of ``seq`` tokens (or of lengths spread evenly from ``min_seq`` to ``seq``,
+    in a shuffled order): prompt, response with two tool outputs (mask 0)."""
     from tirl.types import Problem, Trajectory
 
     rng = random.Random(seed)
-    prompt, tool = seq // 4, seq // 16
+    lengths = [seq] * n if min_seq is None else [min_seq + (seq - min_seq) * i // max(n - 1, 1) for i in range(n)]
+    rng.shuffle(lengths)
     trajs, adv = [], []
-    for i in range(n):
-        ids = [rng.randrange(1, vocab) for _ in range(seq)]
-        mask = [0] * prompt + [1] * (seq - prompt)
-        for start in (prompt + (seq - prompt) // 3, prompt + 2 * (seq - prompt) // 3):
+    for i, length in enumerate(lengths):
+        prompt, tool = length // 4, length // 16
+        ids = [rng.randrange(1, vocab) for _ in range(length)]
+        mask = [0] * prompt + [1] * (length - prompt)
+        for start in (prompt + (length - prompt) // 3, prompt + 2 * (length - prompt) // 3):
             mask[start : start + tool] = [0] * tool
         logprobs = [-rng.uniform(0.1, 3.0) if m else 0.0 for m in mask]
         trajs.append(Trajectory(problem=Problem(id=f"b{i}", problem="", answer=""), group=i // 8, token_ids=ids,
@@ -86,36 +104,35 @@ def bare_step(model, optimizer, trajs, micro: int, grad_clip: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _time(fn, steps: int, device) -> float:
+def _rss_gib() -> float:
+    """This process's resident memory now (Linux), GiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _peak_gib(device) -> float:
+    """Peak accelerator memory allocated (CUDA) or this process's peak resident memory (CPU), GiB."""
     import torch
 
-    fn()  # warm-up: allocator, kernels, AdamW state
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and AdamW state")
-    ap.add_argument("--compute-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                    help="forward/backward (auto: --dtype; float32 weights + bfloat16: mixed precision)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch", type=int, default=16, help="trajectories per update")
-    ap.add_argument("--seq", type=int, default=1024, help="tokens per trajectory")
-    ap.add_argument("--micro", type=int, default=4, help="micro-batch size")
-    ap.add_argument("--steps", type=int, default=3, help="timed updates per row (after one warm-up)")
-    ap.add_argument("--entropy-coef", type=float, default=0.0)
-    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both rows")
-    args = ap.parse_args(argv)
+def _prime(model, optimizer) -> None:
+    """Create the optimizer's state with an all-zero gradient (Adam moves nothing but its weight
+    decay), so that the memory before the timed updates holds weights and optimizer state."""
+    import torch
 
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_row(args, name: str) -> dict:
+    """Build the model and batch, then time ``args.steps`` updates of the row ``name``; returns
+    ``{"s": seconds per update, "peak": peak GiB, "base": GiB before the updates}``."""
     import torch
 
     from tirl.config import AlgoConfig, OptimConfig
@@ -127,28 +144,99 @@ def main(argv: list[str] | None = None) -> None:
     set_compute_dtype(model, args.compute_dtype)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
-    trajs, adv = make_batch(args.batch, args.seq, SHAPES[args.shape]["vocab_size"])
+    trajs, adv = make_batch(args.batch, args.seq, SHAPES[args.shape]["vocab_size"], min_seq=args.min_seq)
     optim = OptimConfig(lr=1e-7, micro_batch_size=args.micro)
+    if name == "tirl":
+        optim = OptimConfig(lr=1e-7, micro_batch_size=args.micro, max_tokens_per_micro_batch=args.max_tokens,
+                            pack=not args.no_pack, logprob_chunk=args.chunk)
     algo = AlgoConfig(entropy_coef=args.entropy_coef)
+    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr)
+    if name == "bare NLL":
+        fn = lambda: bare_step(model, opt, trajs, args.micro, optim.grad_clip)  # noqa: E731
+    else:
+        fn = lambda: policy_update(model, opt, trajs, adv, algo, optim, temperature=1.0, pad_id=0)  # noqa: E731
+    _prime(model, opt)
+    if device.type == "cuda":
+        fn()  # warm-up: kernels, allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**30
+    else:
+        base = _rss_gib()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"s": (time.perf_counter() - t0) / args.steps, "peak": _peak_gib(device), "base": base,
+            "params": sum(p.numel() for p in model.parameters()), "device": str(device)}
+
+
+def _old_tree(ref: str) -> str:
+    """The ``tirl`` package as of git ``ref``, unpacked into a temporary folder."""
+    out = tempfile.mkdtemp(prefix="tirl-before-")
+    arch = subprocess.run(["git", "-C", str(REPO), "archive", ref, "tirl"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", out], input=arch, check=True)
+    return out
+
+
+def run_isolated(args, argv: list[str], name: str) -> dict:
+    """``run_row`` in a fresh process (its peak memory is then this row's alone); the ``tirl before``
+    row imports the package from ``--before``."""
+    env = dict(os.environ)
+    if name == "tirl before":
+        env["PYTHONPATH"] = _old_tree(args.before)
+    cmd = [sys.executable, __file__, *argv, "--only", name]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
+    if out.returncode != 0:
+        raise SystemExit(f"row {name!r} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and AdamW state")
+    ap.add_argument("--compute-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                    help="forward/backward (auto: --dtype; float32 weights + bfloat16: mixed precision)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=16, help="trajectories per update")
+    ap.add_argument("--seq", type=int, default=1024, help="tokens per trajectory (the longest, with --min-seq)")
+    ap.add_argument("--min-seq", type=int, default=None, help="mixed lengths: spread evenly from this to --seq")
+    ap.add_argument("--micro", type=int, default=4, help="micro-batch size (bare, tirl before; tirl without --max-tokens)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="tirl: optim.max_tokens_per_micro_batch")
+    ap.add_argument("--chunk", type=int, default=1024, help="tirl: optim.logprob_chunk (0: full logits)")
+    ap.add_argument("--no-pack", action="store_true", help="tirl: optim.pack = false")
+    ap.add_argument("--steps", type=int, default=3, help="timed updates per row")
+    ap.add_argument("--entropy-coef", type=float, default=0.0)
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every row")
+    ap.add_argument("--before", default=None, metavar="GIT_REF",
+                    help="add a row for tirl as of this commit (e.g. 0f28c64, before chunking and packing)")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.only:
+        print(json.dumps(run_row(args, args.only)))
+        return
+    names = ["bare NLL"] + (["tirl before"] if args.before else []) + ["tirl"]
     rows = []
-    for name, fn in (
-        ("bare NLL", lambda opt: bare_step(model, opt, trajs, args.micro, optim.grad_clip)),
-        ("tirl", lambda opt: policy_update(model, opt, trajs, adv, algo, optim, temperature=1.0, pad_id=0)),
-    ):
-        opt = torch.optim.AdamW(model.parameters(), lr=optim.lr)
-        wall = _time(lambda: fn(opt), args.steps, device)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        rows.append((name, wall, args.batch * args.seq / wall, peak))
-        del opt
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.shape} ({n_params / 1e6:.0f}M params, {args.dtype} weights, {args.compute_dtype} compute) on {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}: "
-          f"{args.batch} x {args.seq} tokens, micro-batch {args.micro}, entropy_coef {args.entropy_coef}"
-          f"{', gradient checkpointing' if args.grad_ckpt else ''}")
-    print(f"| {'update':<9} | {'s/update':>8} | {'tokens/s':>9} | {'peak GiB':>8} | {'vs bare':>7} |")
-    print("|---|---:|---:|---:|---:|")
-    for name, wall, tps, peak in rows:
-        print(f"| {name:<9} | {wall:8.3f} | {tps:9.0f} | {peak:8.1f} | {wall / rows[0][1]:6.2f}x |")
+    for name in names:
+        print(f"[update_bench] {name} ...", file=sys.stderr, flush=True)
+        rows.append((name, run_isolated(args, argv, name)))
+    first = rows[0][1]
+    n_tok = sum(len(t.token_ids) for t in make_batch(args.batch, args.seq, 2, min_seq=args.min_seq)[0])
+    lengths = f"{args.min_seq}-{args.seq}" if args.min_seq else str(args.seq)
+    print(f"{args.shape} ({first['params'] / 1e6:.0f}M params, {args.dtype} weights, {args.compute_dtype} compute) on "
+          f"{first['device']}: {args.batch} trajectories of {lengths} tokens ({n_tok} in all), micro-batch {args.micro}"
+          f", tirl: max_tokens {args.max_tokens}, pack {not args.no_pack}, chunk {args.chunk}; entropy_coef "
+          f"{args.entropy_coef}{', gradient checkpointing' if args.grad_ckpt else ''}; each row a fresh process")
+    print(f"| {'update':<11} | {'s/update':>8} | {'tokens/s':>9} | {'peak GiB':>8} | {'update GiB':>10} | "
+          f"{'time vs bare':>12} | {'update mem vs bare':>18} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows:
+        grow, grow0 = r["peak"] - r["base"], first["peak"] - first["base"]
+        print(f"| {name:<11} | {r['s']:8.3f} | {n_tok / r['s']:9.0f} | {r['peak']:8.2f} | {grow:10.2f} | "
+              f"{r['s'] / first['s']:11.2f}x | {grow / grow0 if grow0 > 0 else float('nan'):17.2f}x |")
 
 
 if __name__ == "__main__":

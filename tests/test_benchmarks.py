@@ -7,14 +7,17 @@ import sys
 from conftest import REPO
 
 
-def test_update_bench_runs_and_prints_both_rows():
+def test_update_bench_runs_and_prints_its_rows():
+    """Each row in a fresh process; ``tirl before`` imports the package from a git commit."""
     out = subprocess.run([sys.executable, "benchmarks/update_bench.py", "--shape", "tiny", "--dtype", "float32",
-                          "--device", "cpu", "--batch", "4", "--seq", "64", "--micro", "2", "--steps", "1"],
+                          "--device", "cpu", "--batch", "4", "--seq", "64", "--min-seq", "16", "--micro", "2",
+                          "--max-tokens", "80", "--chunk", "32", "--steps", "1", "--before", "HEAD"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith(("| bare NLL", "| tirl"))]
-    assert len(rows) == 2 and rows[0].rstrip().endswith("1.00x |"), out.stdout
-    assert all(float(r.split("|")[3]) > 0 for r in rows)  # tokens/s
+    assert [r.split("|")[1].strip() for r in rows] == ["bare NLL", "tirl before", "tirl"], out.stdout
+    assert rows[0].split("|")[6].strip() == "1.00x", out.stdout
+    assert all(float(r.split("|")[3]) > 0 and float(r.split("|")[4]) > 0 for r in rows)  # tokens/s, peak GiB
 
 
 def test_dist_bench_runs_both_configurations():

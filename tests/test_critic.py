@@ -1,16 +1,19 @@
 """PPO with a critic: value loss and whitening by hand, the value model, warm-up."""
 
+import copy
 import json
 
 import pytest
 import torch
 
-from tirl.config import load_config
+from tirl.config import OptimConfig, load_config
 from tirl.loss import masked_whiten, value_loss
 from tirl.train import Trainer
 from tirl.update.critic import ValueModel, critic_update, critic_values
 
 from test_advantage_loss import _trajs
+
+OPT = OptimConfig(micro_batch_size=4)
 
 
 def test_value_loss_by_hand():
@@ -34,11 +37,11 @@ def test_value_model_starts_at_zero_and_learns(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir))
     critic = ValueModel(model)
     trajs = _trajs(tok, n=4)
-    v0 = critic_values(critic, trajs, 4, 0)
+    v0 = critic_values(critic, trajs, OPT, 0)
     assert all(x == 0.0 for row in v0 for x in row) and [len(r) for r in v0] == [len(t.token_ids) for t in trajs]
     returns = [[1.0 if m else 0.0 for m in t.mask] for t in trajs]
     opt = torch.optim.AdamW(critic.parameters(), lr=1e-2)
-    losses = [critic_update(critic, opt, trajs, returns, critic_values(critic, trajs, 4, 0), None, 4, 1.0, 0)["critic/value_loss"]
+    losses = [critic_update(critic, opt, trajs, returns, critic_values(critic, trajs, OPT, 0), None, OPT, 0)["critic/value_loss"]
               for _ in range(30)]
     assert losses[-1] < losses[0] / 4
     assert model.base_model is not critic.body  # the actor's weights are not shared
@@ -59,3 +62,23 @@ def test_ppo_with_critic_warmup_in_the_trainer(tiny_model_dir, tmp_path):
         t.verifier.close()
     assert "update/critic/value_loss" in m1 and "update/tokens_trained" not in m1  # warm-up: critic only
     assert m2["update/tokens_trained"] > 0 and "update/critic/value_loss" in m2
+
+
+def test_critic_values_and_gradients_packed_equal_padded(tiny_model_dir):
+    from tirl.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    critic = ValueModel(model)
+    torch.nn.init.normal_(critic.head.weight, std=0.1)  # (zero-initialised values would hide a difference)
+    trajs = _trajs(tok, n=6)
+    returns = [[1.0 if m else 0.0 for m in t.mask] for t in trajs]
+    got = {}
+    for optim in (OptimConfig(micro_batch_size=2, pack=False), OptimConfig(max_tokens_per_micro_batch=20)):
+        c = copy.deepcopy(critic)
+        old = critic_values(c, trajs, optim, 0)
+        critic_update(c, torch.optim.SGD(c.parameters(), lr=1.0), trajs, returns, old, 0.2, optim, 0)
+        got[optim.pack] = old, [p.detach() for p in c.parameters()]
+    for a, b in zip(got[False][0], got[True][0]):
+        assert a == pytest.approx(b, abs=1e-5)
+    for a, b in zip(got[False][1], got[True][1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

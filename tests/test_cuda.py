@@ -95,6 +95,7 @@ def test_hf_engine_on_the_gpu_draws_from_the_distribution_it_records(tiny_model_
 
 @cuda
 def test_critic_and_sft_steps_match_the_cpu(tiny_model_dir):
+    from tirl.config import OptimConfig
     from tirl.sft import SFTExample, sft_step
     from tirl.update.critic import ValueModel, critic_update, critic_values
 
@@ -106,12 +107,12 @@ def test_critic_and_sft_steps_match_the_cpu(tiny_model_dir):
     for name, model in (("cpu", cpu_model), ("gpu", gpu_model)):
         critic = ValueModel(model)
         opt = torch.optim.SGD(critic.parameters(), lr=0.1)
-        old = critic_values(critic, trajs, 4, 0)
-        c = critic_update(critic, opt, trajs, returns, old, 0.2, 4, 1.0, 0)
+        old = critic_values(critic, trajs, OptimConfig(micro_batch_size=4), 0)
+        c = critic_update(critic, opt, trajs, returns, old, 0.2, OptimConfig(micro_batch_size=4), 0)
         examples = [SFTExample(t.token_ids, t.mask) for t in trajs]
-        s = sft_step(model, torch.optim.SGD(model.parameters(), lr=0.1), examples, 4, 0, 1.0)
+        s = sft_step(model, torch.optim.SGD(model.parameters(), lr=0.1), examples, OptimConfig(micro_batch_size=4), 0)
         out[name] = (c["critic/value_loss"], c["critic/grad_norm"], s["sft/loss"], s["sft/grad_norm"],
-                     critic_values(critic, trajs, 4, 0)[0][-1])
+                     critic_values(critic, trajs, OptimConfig(micro_batch_size=4), 0)[0][-1])
     assert out["cpu"] == pytest.approx(out["gpu"], rel=1e-3, abs=1e-5)
 
 

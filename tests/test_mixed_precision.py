@@ -44,7 +44,7 @@ def test_compute_dtype_runs_forward_passes_in_bfloat16(tiny_model_dir):
     plain, _ = load_model(str(tiny_model_dir), "float32")
     assert isinstance(compute_context(plain), contextlib.nullcontext)
     seen = []
-    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    model.model.layers[-1].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     ids = torch.tensor([tok("print(12 * 34)")["input_ids"]])
     mixed = token_logprobs(model, ids, torch.ones_like(ids))
     assert seen == [torch.bfloat16] and all(p.dtype == torch.float32 for p in model.parameters())

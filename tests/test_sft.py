@@ -67,7 +67,8 @@ def test_masked_tokens_get_no_gradient():
     logits = torch.randn(1, 6, 11, requires_grad=True)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     mask = torch.tensor([[0, 1, 0, 0, 1, 1.0]])  # targets 3 and 4 (positions 2, 3) are interpreter output
-    sft_loss(logits, ids, mask, num_tokens=3).backward()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # as the trainer's
+    sft_loss(torch.nn.functional.pad(logp, (1, 0)), mask, num_tokens=3).backward()
     # logits at position t predict token t+1: positions 1 and 2 predict the masked targets
     assert torch.all(logits.grad[0, 1:3] == 0)
     assert torch.all(logits.grad[0, [0, 3, 4]].abs().sum(-1) > 0)

@@ -229,6 +229,21 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(default=1.0, gt=0)
     micro_batch_size: int = Field(default=4, ge=1)
+    """Trajectories per forward/backward pass (ignored when ``max_tokens_per_micro_batch`` is set)."""
+    max_tokens_per_micro_batch: int | None = Field(default=None, ge=2)
+    """Micro-batches by token count instead (verl's dynamic batch size): as many trajectories as fit
+    this budget (packed: their summed lengths; padded: rows x the longest). A trajectory longer than
+    the budget gets a micro-batch of its own. The loss normaliser is the mini-batch's either way, so
+    the update does not depend on how it is split."""
+    pack: bool = True
+    """Padding-free micro-batches: the trajectories end to end in one row, each with its own position
+    ids and no attention across them (checked once per model; ``false``: right-padded rows)."""
+    logprob_chunk: int = Field(default=1024, ge=0)
+    """Tokens per block through the LM head when computing log-probs and entropy (recomputed in the
+    backward, so one ``[chunk, vocab]`` block is alive at a time); 0 = the full ``[B, T, V]`` logits."""
+    idle_sample_seqs: int = Field(default=2, ge=1)
+    """When a mini-batch trains no token (every advantage 0), ``update/logprob_mismatch``,
+    ``update/mismatch_kl`` and ``update/entropy`` are measured on its first this-many trajectories only."""
     warmup_steps: int = Field(default=0, ge=0)
 
 

@@ -29,10 +29,10 @@ import torch
 
 from tirl.config import Config
 from tirl.dist import Dist
-from tirl.models import compute_context
 from tirl.rollout.protocol import ToolProtocol, get_protocol
 from tirl.types import TirlError
-from tirl.update.step import SINGLE, chunks, device_of, dummy_pass, pad_tokens
+from tirl.update.logprobs import check_packing, sequences_logprobs
+from tirl.update.step import SINGLE, device_of, dummy_pass, micro_batches, pad_tokens
 
 
 @dataclass
@@ -156,37 +156,37 @@ def synthetic_traces(cfg: Config) -> list[dict]:
     return traces_for(cfg, style, cfg.sft.num_traces, seed=cfg.data.seed)  # type: ignore[arg-type]
 
 
-def sft_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Masked next-token cross-entropy, summed over learnable tokens / ``num_tokens`` (the whole
-    batch's count, so gradient accumulation is exact). Masked tokens contribute exactly 0."""
-    logp = torch.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, ids_BT[:, 1:, None]).squeeze(-1)
-    return (nll * mask_BT[:, 1:]).sum() / max(num_tokens, 1)
+def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Masked next-token cross-entropy from the tokens' log-probs (``logp[:, t] = log p(token t |
+    tokens < t)``, column 0 = 0), summed over learnable tokens / ``num_tokens`` (the whole batch's
+    count, so gradient accumulation is exact). Masked tokens contribute exactly 0."""
+    return -(logp_BT * mask_BT)[:, 1:].sum() / max(num_tokens, 1)
 
 
-def sft_step(model, optimizer, batch: list[SFTExample], micro: int, pad_id: int, grad_clip: float,
-             dist: Dist = SINGLE) -> dict[str, float]:
+def sft_step(model, optimizer, batch: list[SFTExample], optim, pad_id: int, dist: Dist = SINGLE) -> dict[str, float]:
     """One optimizer step on ``batch`` (the whole step's; under data parallelism every rank passes
     the same batch and trains on its contiguous share, the loss normalised by the whole batch's
-    token count and the gradients summed, so N ranks take the single-process step)."""
+    token count and the gradients summed, so N ranks take the single-process step). Micro-batches,
+    packing and the chunked LM head follow ``optim`` as in the RL update."""
     n_tok = sum(sum(e.mask[1:]) for e in batch)
     mine = [batch[i] for i in dist.block(len(batch))]
     total = 0.0
     model.train()
+    if optim.pack:
+        check_packing(model)
     optimizer.zero_grad(set_to_none=True)
-    for idx in chunks(list(range(len(mine))), micro, dist):
+    for idx in micro_batches(mine, list(range(len(mine))), optim, dist):
         if idx is None:
-            dummy_pass(model, pad_id, backward=True, forward=lambda i, a: model(input_ids=i, attention_mask=a).logits)
+            dummy_pass(model, pad_id, backward=True)
             continue
         part = [mine[i] for i in idx]
-        ids, attn, mask = pad_tokens([e.token_ids for e in part], [e.mask for e in part], pad_id, device_of(model))
-        with compute_context(model):
-            logits = model(input_ids=ids, attention_mask=attn).logits
-        loss = sft_loss(logits, ids, mask, n_tok)
+        _, _, mask = pad_tokens([e.token_ids for e in part], [e.mask for e in part], pad_id, device_of(model))
+        logp = sequences_logprobs(model, [e.token_ids for e in part], pad_id, chunk=optim.logprob_chunk, pack=optim.pack)
+        loss = sft_loss(logp, mask, n_tok)
         loss.backward()
         total += float(loss.detach())
     (total,) = dist.sum([total])
-    gn = dist.clip_grad_norm(model.parameters(), grad_clip)
+    gn = dist.clip_grad_norm(model.parameters(), optim.grad_clip)
     optimizer.step()
     return {"sft/loss": total, "sft/tokens": float(n_tok), "sft/grad_norm": gn}
 
@@ -224,7 +224,7 @@ def run_sft(cfg: Config, progress: bool = True, model=None, tok=None,
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[: s.batch_size]], order[s.batch_size :]
         t0 = time.perf_counter()
-        row = {"step": step, **sft_step(model, opt, batch, cfg.optim.micro_batch_size, pad, cfg.optim.grad_clip, dist)}
+        row = {"step": step, **sft_step(model, opt, batch, cfg.optim, pad, dist)}
         row["time/step"] = time.perf_counter() - t0
         log.append(row)
     return model, tok, log

@@ -225,7 +225,7 @@ class Trainer:
         t0 = time.perf_counter()
         ref = None
         if self.ref_model is not None and shaping["shaping/groups"]:
-            ref = sequence_logprobs(self.ref_model, trajs, cfg.optim.micro_batch_size, self.engine.pad_id, temperature,
+            ref = sequence_logprobs(self.ref_model, trajs, cfg.optim, self.engine.pad_id, temperature,
                                     dist)
             if a.kl_in == "reward":  # r -= beta * sum_t KL_t over the policy's tokens
                 for t, ref_lp in zip(trajs, ref):
@@ -277,7 +277,7 @@ class Trainer:
         whitened over the whole batch, every rank's) from the critic's values, then one critic
         step on the returns."""
         a, o, dist = self.cfg.algo, self.cfg.optim, self.dist
-        old_v = critic_values(self.critic, trajs, o.micro_batch_size, self.engine.pad_id, dist)
+        old_v = critic_values(self.critic, trajs, o, self.engine.pad_id, dist)
         advs, rets, masks = [], [], []
         for t, v in zip(trajs, old_v):
             m = torch.tensor(t.mask, dtype=torch.float)
@@ -293,8 +293,7 @@ class Trainer:
         stats = {}
         if train_critic:  # (some rank has trajectories that take part)
             stats = critic_update(self.critic, self.critic_opt, [trajs[i] for i in part], [rets[i] for i in part],
-                                  [old_v[i] for i in part], a.value_clip, o.micro_batch_size, o.grad_clip,
-                                  self.engine.pad_id, dist)
+                                  [old_v[i] for i in part], a.value_clip, o, self.engine.pad_id, dist)
         return [w.tolist() for w in white], stats
 
     def evaluate(self, out_dir: Path) -> dict[str, float]:

@@ -16,7 +16,8 @@ from tirl.dist import Dist
 from tirl.loss import AGGREGATIONS, Normaliser, value_loss
 from tirl.models import compute_context
 from tirl.types import Trajectory
-from tirl.update.step import SINGLE, _pad, chunks, device_of, dummy_pass, pad_tokens
+from tirl.update.logprobs import Layout, packed_layout, padded_layout
+from tirl.update.step import SINGLE, _pad, device_of, dummy_pass, micro_batches, pad_tokens
 
 
 class ValueModel(nn.Module):
@@ -30,35 +31,46 @@ class ValueModel(nn.Module):
         self.head.float().to(device_of(policy))
         self.tirl_compute_dtype = getattr(policy, "tirl_compute_dtype", None)  # the policy's mixed precision
 
-    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, lay: Layout | torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T]`` values of the sequences of ``lay`` (padded or packed), column 0 and padding 0;
+        or of right-padded ``input_ids [B, T]`` with their ``attention_mask``. (Through ``__call__``:
+        under FSDP2 the root's parameters are gathered by its forward hook.)"""
+        if isinstance(lay, torch.Tensor):
+            lay = padded_layout(lay, attention_mask_BT)
         with compute_context(self):
-            h = self.body(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
-        v = self.head(h[:, :-1].to(self.head.weight.dtype)).float().squeeze(-1)  # (FSDP may cast the head)
-        return torch.nn.functional.pad(v, (1, 0), value=0.0)  # [B, T], column 0 = 0
+            h = self.body(input_ids=lay.input_ids, attention_mask=lay.attention_mask, position_ids=lay.position_ids,
+                          use_cache=False).last_hidden_state
+        h = h.reshape(-1, h.shape[-1]).index_select(0, lay.src)
+        v = self.head(h.to(self.head.weight.dtype)).float().squeeze(-1)  # (FSDP may cast the head)
+        b, t = lay.shape
+        return torch.zeros(b * t, device=v.device).index_put((lay.dst,), v).view(b, t)
 
 
-def _batch(trajs: list[Trajectory], pad_id: int, device):
-    return pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id, device)
+def _batch(trajs: list[Trajectory], pad_id: int, device, pack: bool):
+    """``(layout, loss_mask [B, T])`` of a micro-batch."""
+    ids, attn, mask = pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id, device)
+    return (packed_layout([t.token_ids for t in trajs], device) if pack else padded_layout(ids, attn)), mask
 
 
 @torch.no_grad()
-def critic_values(critic: ValueModel, trajs: list[Trajectory], size: int, pad_id: int,
+def critic_values(critic: ValueModel, trajs: list[Trajectory], optim, pad_id: int,
                   dist: Dist = SINGLE) -> list[list[float]]:
+    """Each trajectory's per-token values; micro-batches and packing as ``optim`` says."""
     critic.eval()
-    out: list[list[float]] = []
-    for idx in chunks(list(range(len(trajs))), size, dist):
+    out: list[list[float]] = [[] for _ in trajs]
+    for idx in micro_batches(trajs, list(range(len(trajs))), optim, dist):
         if idx is None:
             dummy_pass(critic, pad_id, forward=critic)
             continue
-        part = [trajs[i] for i in idx]
-        ids, attn, _ = _batch(part, pad_id, device_of(critic))
-        v = critic(ids, attn)
-        out += [v[i, : len(t.token_ids)].tolist() for i, t in enumerate(part)]
+        lay, _ = _batch([trajs[i] for i in idx], pad_id, device_of(critic), optim.pack)
+        v = critic(lay)
+        for j, i in enumerate(idx):
+            out[i] = v[j, : len(trajs[i].token_ids)].tolist()
     return out
 
 
 def critic_update(critic: ValueModel, optimizer, trajs: list[Trajectory], returns: list[list[float]],
-                  old_values: list[list[float]], clip: float | None, micro: int, grad_clip: float, pad_id: int,
+                  old_values: list[list[float]], clip: float | None, optim, pad_id: int,
                   dist: Dist = SINGLE) -> dict[str, float]:
     """One optimizer step of the (clipped) value loss, token-mean over policy tokens (of every
     rank's trajectories: the normaliser and the statistics are global)."""
@@ -68,20 +80,20 @@ def critic_update(critic: ValueModel, optimizer, trajs: list[Trajectory], return
     optimizer.zero_grad(set_to_none=True)
     total = clipped = 0.0
     dev = device_of(critic)
-    for idx in chunks(list(range(len(trajs))), micro, dist):
+    for idx in micro_batches(trajs, list(range(len(trajs))), optim, dist):
         if idx is None:
             dummy_pass(critic, pad_id, backward=True, forward=critic)
             continue
-        ids, attn, mask = _batch([trajs[i] for i in idx], pad_id, dev)
-        width = ids.shape[1]
+        lay, mask = _batch([trajs[i] for i in idx], pad_id, dev, optim.pack)
+        width = mask.shape[1]
         ret = _pad([returns[i] for i in idx], width, torch.float, dev)
         old = _pad([old_values[i] for i in idx], width, torch.float, dev)
-        loss_BT, frac = value_loss(critic(ids, attn), old, ret, clip)
+        loss_BT, frac = value_loss(critic(lay), old, ret, clip)
         loss = AGGREGATIONS["token-mean"](loss_BT, mask, norm)
         loss.backward()
         total += float(loss.detach())
         clipped += float((frac * mask).sum())
     total, clipped = dist.sum([total, clipped])
-    gn = dist.clip_grad_norm(critic.parameters(), grad_clip)
+    gn = dist.clip_grad_norm(critic.parameters(), optim.grad_clip)
     optimizer.step()
     return {"critic/value_loss": total, "critic/clip_frac": clipped / max(norm.num_tokens, 1), "critic/grad_norm": gn}

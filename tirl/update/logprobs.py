@@ -1,29 +1,260 @@
+"""Per-token log-probs and entropies of sequences under a causal LM, without the ``[B, T, V]`` logits.
+
+The trainer needs, for each token a sequence holds, ``log softmax(logits / T)[token]`` and the
+entropy of that distribution (policy update, reference model, recomputed old log-probs, the SFT
+loss, the sampler/trainer mismatch). With a 151,936-token vocabulary the full float32 logits of one
+16k-token sequence are 10 GB, and a plain ``log_softmax`` keeps several such tensors alive into the
+backward. Here the LM head runs *inside* the model's forward (so FSDP2's unsharded weights are the
+ones used) on only the positions that predict a token, ``chunk`` tokens at a time, through
+:class:`HeadLogprobs`, an autograd function that keeps one ``[chunk, V]`` block alive at a time and
+recomputes each block's logits in the backward. ``chunk = 0`` is the plain computation (the
+reference the tests compare with).
+
+Sequences reach the model either right-padded (one row each) or **packed** (``pack=True``): one
+row holding them end to end, each with its own position ids from 0 and no attention across them
+(transformers builds that mask from the position ids: block-diagonal for sdpa/eager, varlen for
+flash-attention). Either way the result is ``[B, T]`` in the padded layout, column 0 (no context)
+and padding 0.
+"""
+
 from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from tirl.models import compute_context
+from tirl.types import TirlError
+
+
+def _head_logits(h_KH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None, dtype: torch.dtype | None,
+                 temperature: float) -> torch.Tensor:
+    """float32 ``[K, V]`` logits / temperature, the LM head run in ``dtype`` (what autocast does)."""
+    if dtype is not None:
+        h_KH, weight_VH = h_KH.to(dtype), weight_VH.to(dtype)
+        bias_V = None if bias_V is None else bias_V.to(dtype)
+    z = torch.nn.functional.linear(h_KH, weight_VH, bias_V)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    return z / temperature if temperature != 1.0 else z
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """``(logp [M], entropy [M])`` of ``target [M]`` under ``softmax(head(h [M, H]) / T)``, ``chunk``
+    rows of logits at a time; the backward recomputes them. Gradients flow into ``h``, the head's
+    weight and bias, from either output (the entropy's only when it is used)."""
+
+    @staticmethod
+    def forward(ctx, h_MH, weight_VH, bias_V, target_M, temperature: float, chunk: int, dtype, want_entropy: bool):
+        m = h_MH.shape[0]
+        logp = h_MH.new_zeros(m, dtype=torch.promote_types(h_MH.dtype, torch.float32))
+        ent, lse = torch.zeros_like(logp), torch.zeros_like(logp)
+        device = h_MH.device.type
+        with torch.autocast(device, enabled=False):
+            for s in range(0, m, chunk):
+                z = _head_logits(h_MH[s : s + chunk], weight_VH, bias_V, dtype, temperature)
+                lse[s : s + chunk] = l = torch.logsumexp(z, dim=-1)
+                logp[s : s + chunk] = z.gather(-1, target_M[s : s + chunk, None]).squeeze(-1) - l
+                if want_entropy:
+                    ent[s : s + chunk] = l - (torch.softmax(z, dim=-1) * z).sum(-1)
+        ctx.save_for_backward(h_MH, weight_VH, bias_V, target_M, lse, ent)
+        ctx.settings = (temperature, chunk, dtype, want_entropy)
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, weight, bias, target, lse, ent = ctx.saved_tensors
+        temperature, chunk, dtype, want_entropy = ctx.settings
+        if g_ent is not None and not want_entropy:
+            raise RuntimeError("HeadLogprobs: a gradient reached the entropy, which was not computed")
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype)
+        g_ent = None if g_ent is None or not bool(g_ent.any()) else g_ent.to(lse.dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        gh = torch.zeros_like(h) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b else None
+        mm = weight.dtype if dtype is None else dtype
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                e = s + chunk
+                logq = _head_logits(h[s:e], weight, bias, dtype, temperature).sub_(lse[s:e, None])  # log softmax
+                p = logq.exp()
+                # d logp/dz = onehot - p;  d entropy/dz = -p (log p + H)
+                if g_ent is not None:
+                    gz = p.mul_(logq.add_(ent[s:e, None]).mul_(-g_ent[s:e, None]).sub_(g_logp[s:e, None]))
+                else:
+                    gz = p.mul_(-g_logp[s:e, None])
+                del logq
+                gz.scatter_add_(-1, target[s:e, None], g_logp[s:e, None])
+                if temperature != 1.0:
+                    gz.div_(temperature)
+                g = gz.to(mm)  # the forward's matmul dtype, as autocast's backward
+                if need_h:
+                    gh[s:e] = (g @ weight.to(mm)).to(h.dtype)
+                if need_w:
+                    gw.add_((g.t() @ h[s:e].to(mm)).to(weight.dtype))
+                if need_b:
+                    gb.add_(g.sum(0).to(bias.dtype))
+        return gh, gw, gb, None, None, None, None, None
+
+
+def head_logprobs(h_MH: torch.Tensor, head: torch.nn.Module, target_M: torch.Tensor, temperature: float, chunk: int,
+                  with_entropy: bool, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [M], entropy [M])`` for the hidden states ``h`` through the linear ``head``, in the
+    ambient autocast dtype; ``chunk = 0``: the plain computation over all ``M`` rows at once."""
+    device = h_MH.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    t = temperature if temperature > 0 else 1.0
+    if chunk > 0:
+        logp, ent = HeadLogprobs.apply(h_MH, head.weight, head.bias, target_M, t, chunk, dtype, with_entropy)
+        return logp, ent if entropy_grad else ent.detach()
+    with torch.autocast(device, enabled=False):
+        z = _head_logits(h_MH, head.weight, head.bias, dtype, t)
+        lse = torch.logsumexp(z, dim=-1)
+        logp = z.gather(-1, target_M[:, None]).squeeze(-1) - lse
+        if not with_entropy:
+            return logp, torch.zeros_like(logp)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = lse - (torch.exp(z - lse[:, None]) * z).sum(-1)
+    return logp, ent
+
+
+@dataclass
+class Layout:
+    """Where ``B`` sequences sit in the forward's ``[R, L]`` rows and in the ``[B, T]`` result.
+    ``src[k]``: flat index (into ``R * L``) of the hidden state that predicts the token ``target[k]``,
+    which the result holds at the flat index ``dst[k]`` (into ``B * T``)."""
+
+    input_ids: torch.Tensor  # [R, L]
+    attention_mask: torch.Tensor | None  # [R, L]; None when packed
+    position_ids: torch.Tensor | None  # [R, L]; per-sequence positions when packed
+    src: torch.Tensor  # [M]
+    target: torch.Tensor  # [M]
+    dst: torch.Tensor  # [M]
+    shape: tuple[int, int]  # (B, T)
+
+
+def padded_layout(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> Layout:
+    """One row per sequence; a token is predicted where it and the one before it are attended."""
+    b, t = input_ids_BT.shape
+    keep = (attention_mask_BT[:, 1:] != 0) & (attention_mask_BT[:, :-1] != 0)  # [B, T-1]
+    rows, cols = keep.nonzero(as_tuple=True)
+    src = rows * t + cols
+    return Layout(input_ids_BT, attention_mask_BT, None, src, input_ids_BT[rows, cols + 1], src + 1, (b, t))
+
+
+def packed_layout(token_ids: list[list[int]], device=None) -> Layout:
+    """All sequences end to end in one row, position ids restarting at 0 for each."""
+    lens = [len(s) for s in token_ids]
+    flat = torch.tensor([x for s in token_ids for x in s], dtype=torch.long)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    starts = torch.tensor([0] + lens[:-1]).cumsum(0)
+    width = max(lens)
+    src = torch.cat([s + torch.arange(n - 1) for s, n in zip(starts.tolist(), lens)])
+    dst = torch.cat([i * width + torch.arange(1, n) for i, n in enumerate(lens)])
+    return Layout(flat[None].to(device), None, pos[None].to(device), src.to(device), flat[src + 1].to(device),
+                  dst.to(device), (len(lens), width))
+
+
+@contextmanager
+def _head_replaced(model, fn):
+    """Within the block, the model's LM head module computes ``fn(hidden [R, L, H])`` instead."""
+    head = model.get_output_embeddings()
+    head.forward = fn
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _unsupported_head(model) -> str | None:
+    """Why the LM head's output is not the logits for this model (post-processed), or None."""
+    cfg = getattr(model, "config", None)
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(cfg, key, None) not in (None, 1, 1.0):
+            return f"its config sets {key}"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return "its output embedding is not a plain Linear"
+    return None
+
+
+def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: bool = False,
+                    entropy_grad: bool = True, chunk: int = 1024):
+    """``logp [B, T]`` (and ``entropy [B, T]`` with ``with_entropy``) for the sequences of ``lay``.
+    ``entropy_grad = False`` computes the entropy outside autograd (a metric only)."""
+    got: dict[str, torch.Tensor] = {}
+    why = _unsupported_head(model) if chunk > 0 else None
+
+    def head_forward(hidden_RLH: torch.Tensor) -> torch.Tensor:
+        h = hidden_RLH.reshape(-1, hidden_RLH.shape[-1]).index_select(0, lay.src)
+        got["logp"], got["ent"] = head_logprobs(h, head, lay.target, temperature, chunk, with_entropy, entropy_grad)
+        return torch.stack([got["logp"], got["ent"]], -1)[None]  # FSDP hooks the backward on the output
+
+    kwargs = dict(input_ids=lay.input_ids, attention_mask=lay.attention_mask, position_ids=lay.position_ids,
+                  use_cache=False)
+    if why is None:
+        with _head_replaced(model, head_forward) as head, compute_context(model):
+            model(**kwargs)
+    else:  # the plain logits, post-processing included
+        with compute_context(model):
+            logits = model(**kwargs).logits.float()
+        z = logits.reshape(-1, logits.shape[-1]).index_select(0, lay.src)
+        z = z / temperature if temperature > 0 and temperature != 1.0 else z
+        lse = torch.logsumexp(z, dim=-1)
+        got["logp"] = z.gather(-1, lay.target[:, None]).squeeze(-1) - lse
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            got["ent"] = lse - (torch.softmax(z, -1) * z).sum(-1)
+    b, t = lay.shape
+    out = [torch.zeros(b * t, device=lay.src.device).index_put((lay.dst,), got[k]).view(b, t) for k in ("logp", "ent")]
+    return (out[0], out[1]) if with_entropy else out[0]
 
 
 def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False, entropy_grad: bool = True):
+                   with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 1024):
     """``[B, T]`` log-prob of each token given the ones before it, under ``softmax(logits / T)``
-    (the distribution the sampler drew from when top-p/top-k are off). Column 0 (no context) is 0.
-    With ``with_entropy`` also returns the ``[B, T]`` entropy of that distribution at each position
-    (the distribution the token at that position was drawn from); ``entropy_grad=False`` computes it
-    outside autograd (a metric only), so its ``[B, T, V]`` intermediates are freed at once instead of
-    living until the backward pass."""
-    with compute_context(model):
-        logits = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).logits[:, :-1].float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    target = input_ids_BT[:, 1:]
-    lse = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, target[..., None]).squeeze(-1) - lse
-    logp = torch.nn.functional.pad(picked, (1, 0), value=0.0)
-    if not with_entropy:
-        return logp
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        probs = torch.exp(logits - lse[..., None])
-        entropy = lse - (probs * logits).sum(-1)
-    return logp, torch.nn.functional.pad(entropy, (1, 0), value=0.0)
+    (the distribution the sampler drew from when top-p/top-k are off); column 0 and padding are 0.
+    With ``with_entropy`` also the ``[B, T]`` entropy of the distribution each token was drawn from."""
+    return layout_logprobs(model, padded_layout(input_ids_BT, attention_mask_BT), temperature, with_entropy,
+                           entropy_grad, chunk)
+
+
+def sequences_logprobs(model, token_ids: list[list[int]], pad_id: int, temperature: float = 1.0, *,
+                       with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 1024, pack: bool = False):
+    """:func:`token_logprobs` of a list of sequences, packed into one row (``pack``) or right-padded."""
+    device = next(model.parameters()).device
+    if pack:
+        check_packing(model)
+        lay = packed_layout(token_ids, device)
+    else:
+        width = max(map(len, token_ids))
+        ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, s in enumerate(token_ids):
+            ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
+        lay = padded_layout(ids.to(device), attn.to(device))
+    return layout_logprobs(model, lay, temperature, with_entropy, entropy_grad, chunk)
+
+
+def check_packing(model) -> None:
+    """Once per model: packed log-probs of two short sequences equal their separate ones, i.e. the
+    architecture's attention honours per-sequence position ids (transformers' masking utilities).
+    Every rank runs it at the same first packed forward, so under FSDP it stays in step."""
+    if getattr(model, "_tirl_packing_checked", False):
+        return
+    vocab = model.get_input_embeddings().num_embeddings
+    seqs = [[(7 * i + 3) % vocab for i in range(6)], [(11 * i + 5) % vocab for i in range(4)]]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        packed = layout_logprobs(model, packed_layout(seqs, device), chunk=0)
+        alone = [layout_logprobs(model, packed_layout([s], device), chunk=0)[0] for s in seqs]
+    compute = getattr(model, "tirl_compute_dtype", None) or next(model.parameters()).dtype
+    tol = 1e-3 if compute == torch.float32 else 5e-2
+    for i, (s, ref) in enumerate(zip(seqs, alone)):
+        err = float((packed[i, : len(s)] - ref[: len(s)]).abs().max())
+        if err > tol:
+            raise TirlError(f"packed sequences leak into each other in {type(model).__name__} (log-prob off by "
+                            f"{err:.3g}): its attention ignores per-sequence position ids. Fix: optim.pack=false.")
+    model._tirl_packing_checked = True

@@ -18,13 +18,12 @@ import torch
 from tirl.dist import Dist
 from tirl.loss import AGGREGATIONS, POLICY_LOSSES, Normaliser, kl_penalty
 from tirl.types import Trajectory
-from tirl.update.logprobs import token_logprobs
+from tirl.update.logprobs import Layout, layout_logprobs, packed_layout, padded_layout, check_packing
 
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # [B, T] right-padded
-    attention_mask: torch.Tensor  # [B, T]
+    layout: Layout  # how the sequences reach the model (padded rows or one packed row)
     loss_mask: torch.Tensor  # [B, T] 1.0 where the token was sampled by the policy
     old_logprobs: torch.Tensor  # [B, T] the ratio's denominator (behaviour or recomputed)
     sampler_logprobs: torch.Tensor  # [B, T]
@@ -56,13 +55,15 @@ def pad_tokens(token_ids: list[list[int]], masks: list[list[int]], pad_id: int, 
 
 
 def collate(trajs: list[Trajectory], advantages: list, pad_id: int, old: list | None = None, ref: list | None = None,
-            device=None) -> MicroBatch:
-    """``advantages[i]`` is a float (sequence-level) or a per-token list (e.g. GAE)."""
+            device=None, pack: bool = False) -> MicroBatch:
+    """``advantages[i]`` is a float (sequence-level) or a per-token list (e.g. GAE). The per-token
+    fields are ``[B, T]`` right-padded whatever the layout: packing changes only the forward."""
     ids, attn, mask = pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id, device)
+    layout = packed_layout([t.token_ids for t in trajs], device) if pack else padded_layout(ids, attn)
     width = ids.shape[1]
     rows = [a if isinstance(a, list) else [a] * len(t.token_ids) for t, a in zip(trajs, advantages)]
     adv, sampler = _pad(rows, width, torch.float, device), _pad([t.logprobs for t in trajs], width, torch.float, device)
-    return MicroBatch(ids, attn, mask, _pad(old, width, torch.float, device) if old else sampler, sampler, adv * mask,
+    return MicroBatch(layout, mask, _pad(old, width, torch.float, device) if old else sampler, sampler, adv * mask,
                       _pad(ref, width, torch.float, device) if ref else None)
 
 
@@ -72,9 +73,9 @@ SINGLE = Dist()  # one process: every collective is the identity
 def dummy_pass(model, pad_id: int, backward: bool = False, forward=None) -> None:
     """A forward (and backward) pass that changes nothing: what a rank with no batch left runs
     so that the others' sharded passes find it in step. Its loss is 0, its gradient 0.
-    ``forward(ids, attention_mask)``: default the policy's :func:`token_logprobs`."""
+    ``forward(ids, attention_mask)``: default the policy's log-probs."""
     ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device_of(model))
-    out = (forward or (lambda i, a: token_logprobs(model, i, a)))(ids, torch.ones_like(ids))
+    out = (forward or (lambda i, a: layout_logprobs(model, padded_layout(i, a))))(ids, torch.ones_like(ids))
     if backward:
         (out.sum() * 0.0).backward()
 
@@ -85,21 +86,58 @@ def chunks(order: list[int], size: int, dist: Dist = SINGLE) -> list[list[int] |
     return parts + [None] * (dist.rounds(len(parts)) - len(parts))
 
 
+def by_tokens(lengths: list[int], budget: int, pack: bool) -> list[list[int]]:
+    """Indices into ``lengths`` grouped so that each group's tokens fit ``budget``: packed, the sum
+    of its lengths (first-fit decreasing); padded, its size x its longest (consecutive, longest
+    first). A sequence longer than the budget is a group of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    if pack:
+        room: list[int] = []
+        for i in order:
+            fit = next((g for g, r in enumerate(room) if lengths[i] <= r), None)
+            if fit is None:
+                groups.append([i])
+                room.append(budget - lengths[i])
+            else:
+                groups[fit].append(i)
+                room[fit] -= lengths[i]
+        return groups
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def micro_batches(trajs: list[Trajectory], rows: list[int], optim, dist: Dist = SINGLE) -> list[list[int] | None]:
+    """``rows`` (indices into ``trajs``) as micro-batches: ``optim.micro_batch_size`` trajectories of
+    similar length each, or by ``optim.max_tokens_per_micro_batch``; padded with None to as many
+    micro-batches as any rank has."""
+    if optim.max_tokens_per_micro_batch is None:
+        return chunks(sorted(rows, key=lambda i: len(trajs[i].token_ids)), optim.micro_batch_size, dist)
+    groups = by_tokens([len(trajs[i].token_ids) for i in rows], optim.max_tokens_per_micro_batch, optim.pack)
+    parts: list[list[int] | None] = [[rows[j] for j in g] for g in groups]
+    return parts + [None] * (dist.rounds(len(parts)) - len(parts))
+
+
 @torch.no_grad()
-def sequence_logprobs(model, trajs: list[Trajectory], size: int, pad_id: int, temperature: float,
+def sequence_logprobs(model, trajs: list[Trajectory], optim, pad_id: int, temperature: float,
                       dist: Dist = SINGLE) -> list[list[float]]:
     """Per-token log-probs of each trajectory under ``model`` (no gradient): the reference
     policy's, or the trainer's own before an update (``ratio_against = "recompute"``)."""
     was = model.training
     model.eval()
+    if optim.pack:
+        check_packing(model)
     out: list[list[float]] = [[] for _ in trajs]
-    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].token_ids))
-    for idx in chunks(order, size, dist):
+    for idx in micro_batches(trajs, list(range(len(trajs))), optim, dist):
         if idx is None:
             dummy_pass(model, pad_id)
             continue
-        mb = collate([trajs[i] for i in idx], [0.0] * len(idx), pad_id, device=device_of(model))
-        lp = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature)
+        mb = collate([trajs[i] for i in idx], [0.0] * len(idx), pad_id, device=device_of(model), pack=optim.pack)
+        lp = layout_logprobs(model, mb.layout, temperature, chunk=optim.logprob_chunk)
         for j, i in enumerate(idx):
             out[i] = lp[j, : len(trajs[i].token_ids)].tolist()
     model.train(was)
@@ -125,7 +163,7 @@ def policy_update(model, optimizer, trajs: list[Trajectory], advantages: list, a
     on_policy = algo.ppo_epochs == 1 and n_mb == 1 and algo.ratio_against == "recompute"
     old = None
     if algo.ratio_against == "recompute" and not on_policy:
-        old = sequence_logprobs(model, trajs, optim.micro_batch_size, pad_id, temperature, dist)
+        old = sequence_logprobs(model, trajs, optim, pad_id, temperature, dist)
     stats: dict[str, float] = {}
     order = list(range(total))
     here = {g: i for i, g in enumerate(index)}
@@ -133,11 +171,14 @@ def policy_update(model, optimizer, trajs: list[Trajectory], advantages: list, a
         if epoch or n_mb > 1:
             random.Random(seed * 7919 + epoch).shuffle(order)
         for m in range(n_mb):
-            idx = [here[g] for g in order[m::n_mb] if g in here]  # this rank's part of the global mini-batch
+            glob = order[m::n_mb]  # the global mini-batch
+            idx = [here[g] for g in glob if g in here]  # this rank's part of it
+            sample = set(sorted(glob)[: optim.idle_sample_seqs])
             part = _minibatch_step(model, optimizer, [trajs[i] for i in idx], [advantages[i] for i in idx],
                                    [old[i] for i in idx] if old else None,
                                    [ref_logprobs[i] for i in idx] if ref_logprobs else None,
-                                   algo, optim, temperature, pad_id, const_len, skip_zero_adv, on_policy, dist)
+                                   algo, optim, temperature, pad_id, const_len, skip_zero_adv, on_policy, dist,
+                                   [j for j, i in enumerate(idx) if index[i] in sample])
             for k, v in part.items():
                 stats[k] = stats.get(k, 0.0) + v / (algo.ppo_epochs * n_mb)
     return stats
@@ -147,29 +188,32 @@ _SUMS = ("loss", "clip_low", "clip_high", "clip_dual", "mismatch_abs", "mismatch
 
 
 def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, temperature, pad_id, const_len,
-                    skip_zero_adv, on_policy, dist: Dist = SINGLE) -> dict[str, float]:
+                    skip_zero_adv, on_policy, dist: Dist = SINGLE, sample: list[int] | None = None) -> dict[str, float]:
     """One optimizer step. Rows with advantage exactly 0 (and no KL or entropy term) contribute
     exactly 0 gradient; ``skip_zero_adv`` leaves them out of the forward pass (they still count
-    in the normaliser, so the gradient is unchanged)."""
+    in the normaliser, so the gradient is unchanged). ``sample``: the rows whose mismatch and
+    entropy are measured when no row trains (default: the first ``optim.idle_sample_seqs``)."""
     n_tok, n_seq = dist.sum([float(sum(sum(t.mask) for t in trajs)), float(len(trajs))])
     norm = Normaliser(num_tokens=int(n_tok), num_seqs=int(n_seq), const_len=const_len)
     needs_all = algo.kl_coef > 0 and algo.kl_in == "loss" or algo.entropy_coef > 0
     rows = [i for i, a in enumerate(advantages) if needs_all or not (skip_zero_adv and _is_zero(a))]
-    rows.sort(key=lambda i: len(trajs[i].token_ids))
     sums = dict.fromkeys(_SUMS, 0.0)
     model.train()
+    if optim.pack:
+        check_packing(model)
     optimizer.zero_grad(set_to_none=True)
-    for idx in chunks(rows, optim.micro_batch_size, dist):
+    for idx in micro_batches(trajs, rows, optim, dist):
         if idx is None:
             dummy_pass(model, pad_id, backward=True)
             continue
-        mb = collate([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id,
-                     [old[i] for i in idx] if old else None, [ref[i] for i in idx] if ref else None, device_of(model))
-        _micro_step(model, mb, algo, temperature, norm, on_policy, sums)
+        mb = collate([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id, [old[i] for i in idx] if old else None,
+                     [ref[i] for i in idx] if ref else None, device_of(model), optim.pack)
+        _micro_step(model, mb, algo, optim, temperature, norm, on_policy, sums)
     sums = dict(zip(_SUMS, dist.sum([sums[k] for k in _SUMS])))
     measured = sums["tokens"]
     if measured == 0 and n_seq:  # nothing trained: still measure the sampler/trainer mismatch and entropy
-        measured = _measure(model, trajs[: optim.micro_batch_size], pad_id, temperature, sums, dist)
+        picked = sample if sample is not None else list(range(min(len(trajs), optim.idle_sample_seqs)))
+        measured = _measure(model, [trajs[i] for i in picked], optim, pad_id, temperature, sums, dist)
     grad_norm = dist.clip_grad_norm(model.parameters(), optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -180,12 +224,12 @@ def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, 
             "entropy": sums["entropy"] / nm, "kl": sums["kl"] / n}
 
 
-def _micro_step(model, mb: MicroBatch, algo, temperature: float, norm: Normaliser, on_policy: bool,
+def _micro_step(model, mb: MicroBatch, algo, optim, temperature: float, norm: Normaliser, on_policy: bool,
                 sums: dict[str, float]) -> None:
     """Forward and backward of one micro-batch; adds its statistics to ``sums``."""
     loss_fn, agg = POLICY_LOSSES[algo.loss], AGGREGATIONS[algo.aggregation]
-    logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True,
-                               entropy_grad=algo.entropy_coef > 0)
+    logp, ent = layout_logprobs(model, mb.layout, temperature, with_entropy=True, entropy_grad=algo.entropy_coef > 0,
+                                chunk=optim.logprob_chunk)
     old_lp = logp.detach() if on_policy else mb.old_logprobs
     loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c)
     m = mb.loss_mask
@@ -208,15 +252,15 @@ def _micro_step(model, mb: MicroBatch, algo, temperature: float, norm: Normalise
 
 
 @torch.no_grad()
-def _measure(model, trajs, pad_id: int, temperature: float, sums: dict[str, float], dist: Dist) -> float:
-    """The sampler/trainer mismatch and entropy on a few trajectories when no token was trained;
-    returns the global count of tokens measured."""
+def _measure(model, trajs, optim, pad_id: int, temperature: float, sums: dict[str, float], dist: Dist) -> float:
+    """The sampler/trainer mismatch and entropy on a small sample of trajectories (a forward pass
+    only) when no token was trained; returns the global count of tokens measured."""
     if not trajs:
         dummy_pass(model, pad_id)
         local = [0.0, 0.0, 0.0, 0.0]
     else:
-        mb = collate(trajs, [0.0] * len(trajs), pad_id, device=device_of(model))
-        logp, ent = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, with_entropy=True)
+        mb = collate(trajs, [0.0] * len(trajs), pad_id, device=device_of(model), pack=optim.pack)
+        logp, ent = layout_logprobs(model, mb.layout, temperature, with_entropy=True, chunk=optim.logprob_chunk)
         diff, m = logp - mb.sampler_logprobs, mb.loss_mask
         local = [float((diff.abs() * m).sum()), float(((torch.exp(diff) - 1 - diff) * m).sum()),
                  float((ent * m).sum()), float(m.sum())]

@@ -1,0 +1,187 @@
+"""The policy update at long lengths (issue #20): the chunked LM head, packed sequences and
+micro-batches by token budget compute what the plain padded full-logits path computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tirl.config import AlgoConfig, OptimConfig
+from tirl.models import load_model
+from tirl.types import Problem, TirlError, Trajectory
+from tirl.update.logprobs import HeadLogprobs, head_logprobs, sequences_logprobs
+from tirl.update.step import by_tokens, micro_batches, policy_update, sequence_logprobs
+
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def _tool_trajs(vocab: int, lengths=(9, 23, 14, 31, 6, 17), seed: int = 0) -> list[Trajectory]:
+    """Trajectories of mixed lengths with a prompt and a tool span (mask 0) inside the response."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        mask = [0] * 3 + [1] * (n - 3)
+        mask[n // 2 : n // 2 + 3] = [0] * 3  # an inserted interpreter output
+        lp = [-float(torch.rand((), generator=g)) - 0.1 if m else 0.0 for m in mask]
+        out.append(Trajectory(problem=Problem(str(i), "q", "a"), group=i // 2, token_ids=ids, mask=mask, logprobs=lp,
+                              prompt_len=3))
+    return out
+
+
+def test_head_backward_matches_autograd_in_float64():
+    """The hand-written backward (log-prob and entropy terms, temperature, bias) against torch's."""
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 11, (7,))
+    f = lambda h, w, b: HeadLogprobs.apply(h, w, b, y, 0.7, 3, None, True)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (h, w, b))
+    # only the log-prob used (entropy as a metric): the entropy's gradient is left out
+    assert torch.autograd.gradcheck(lambda h, w, b: f(h, w, b)[0], (h, w, b))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_equals_full_logits_values_and_gradients(tiny_model_dir, temperature):
+    model, tok = load_model(str(tiny_model_dir))
+    trajs = _tool_trajs(len(tok))
+    ids = [t.token_ids for t in trajs]
+    mask = torch.zeros(len(ids), max(map(len, ids)))
+    for i, t in enumerate(trajs):
+        mask[i, : len(t.mask)] = torch.tensor(t.mask, dtype=torch.float)
+    out = {}
+    for chunk in (0, 5, 64, 4096):
+        model.zero_grad(set_to_none=True)
+        logp, ent = sequences_logprobs(model, ids, 0, temperature, with_entropy=True, chunk=chunk)
+        ((logp * mask).sum() - 0.3 * (ent * mask).sum()).backward()
+        out[chunk] = (logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    ref = out[0]
+    for chunk in (5, 64, 4096):
+        logp, ent, grads = out[chunk]
+        assert torch.allclose(logp, ref[0], atol=1e-5) and torch.allclose(ent, ref[1], atol=1e-5)
+        for name, g in grads.items():
+            assert torch.allclose(g, ref[2][name], atol=1e-5, rtol=1e-4), (chunk, name)
+    assert torch.all(ref[0][:, 0] == 0) and torch.all(ref[0][0, len(ids[0]) :] == 0)  # no context, padding
+
+
+def test_packed_equals_padded_values_and_gradients(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir))
+    ids = [t.token_ids for t in _tool_trajs(len(tok))]
+    out = {}
+    for pack in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp, ent = sequences_logprobs(model, ids, 0, 0.7, with_entropy=True, pack=pack)
+        (logp.sum() + ent.sum()).backward()
+        out[pack] = logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
+    for name, g in out[True][2].items():
+        assert torch.allclose(g, out[False][2][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_chunked_head_under_bfloat16_autocast_matches_full_logits(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir), "float32", compute_dtype="bfloat16")
+    ids = [t.token_ids for t in _tool_trajs(len(tok))]
+    full = sequences_logprobs(model, ids, 0, chunk=0)
+    chunked = sequences_logprobs(model, ids, 0, chunk=7, pack=True)
+    assert torch.allclose(full, chunked, atol=2e-2)  # bf16 attention/matmul order, not a different computation
+    assert not torch.equal(full, sequences_logprobs(load_model(str(tiny_model_dir))[0], ids, 0, chunk=0))
+
+
+def _update(model, trajs, adv, optim: OptimConfig, algo: AlgoConfig) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    policy_update(model, opt, trajs, adv, algo, optim, temperature=0.8, pad_id=0, const_len=32)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_token_budget_and_packing_give_the_fixed_micro_batch_update(tiny_model_dir, aggregation):
+    model, tok = load_model(str(tiny_model_dir))
+    trajs = _tool_trajs(len(tok))
+    adv = [1.0, -0.5, 0.0, 0.8, -1.0, 0.3]
+    algo = AlgoConfig(aggregation=aggregation, ratio_against="sampler", entropy_coef=0.01)
+    plain = _update(model, trajs, adv, OptimConfig(micro_batch_size=2, pack=False, logprob_chunk=0, grad_clip=1e9), algo)
+    for optim in (OptimConfig(max_tokens_per_micro_batch=40, grad_clip=1e9),  # packed, chunked
+                  OptimConfig(max_tokens_per_micro_batch=40, pack=False, grad_clip=1e9),
+                  OptimConfig(max_tokens_per_micro_batch=10_000, logprob_chunk=8, grad_clip=1e9)):
+        got = _update(model, trajs, adv, optim, algo)
+        for name, w in got.items():
+            assert torch.allclose(w, plain[name], atol=1e-6, rtol=1e-5), (optim, name)
+
+
+def test_recomputed_and_reference_logprobs_are_the_same_packed(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir))
+    trajs = _tool_trajs(len(tok))
+    a = sequence_logprobs(model, trajs, OptimConfig(pack=False, logprob_chunk=0), 0, 0.7)
+    b = sequence_logprobs(model, trajs, OptimConfig(max_tokens_per_micro_batch=32, logprob_chunk=4), 0, 0.7)
+    for x, y, t in zip(a, b, trajs):
+        assert len(x) == len(y) == len(t.token_ids)
+        assert x == pytest.approx(y, abs=1e-5)
+
+
+def test_token_budget_micro_batches_fit_the_budget():
+    trajs = _tool_trajs(50, lengths=(9, 23, 14, 31, 6, 17, 40))
+    parts = micro_batches(trajs, list(range(7)), OptimConfig(max_tokens_per_micro_batch=32))
+    assert sorted(i for p in parts for i in p) == list(range(7))
+    for p in parts:
+        assert len(p) == 1 or sum(len(trajs[i].token_ids) for i in p) <= 32
+    assert [6] in parts  # 40 tokens: longer than the budget, alone
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 100), max_size=40), st.integers(2, 150), st.booleans())
+def test_by_tokens_places_each_sequence_once_within_budget(lengths, budget, pack):
+    groups = by_tokens(lengths, budget, pack)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        cost = sum(lengths[i] for i in g) if pack else len(g) * max(lengths[i] for i in g)
+        assert len(g) == 1 or cost <= budget
+
+
+def test_packing_that_leaks_is_refused_fake_mask_builder(tiny_model_dir, monkeypatch):
+    """With transformers' packed-sequence detection switched off (a stand-in for an architecture
+    that ignores position ids) packed sequences attend to each other: the check names the fix."""
+    import transformers.masking_utils as mu
+
+    model, tok = load_model(str(tiny_model_dir))
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(TirlError, match="optim.pack=false"):
+        sequences_logprobs(model, [[5, 6, 7], [8, 9]], 0, pack=True)
+
+
+def test_only_one_chunk_of_logits_is_alive(tiny_model_dir):
+    """The largest allocation of the head's forward+backward grows with the chunk, not with the
+    tokens: the full-logits path allocates [M, V] float32 tensors, the chunked one [chunk, V]."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 5000, bias=False)
+    h = torch.randn(2000, 16, requires_grad=True)
+    y = torch.randint(0, 5000, (2000,))
+    peaks = {}
+    for chunk in (0, 100):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            logp, ent = head_logprobs(h, head, y, 1.0, chunk, True, True)
+            (logp.sum() + ent.sum()).backward()
+        peaks[chunk] = max(e.self_cpu_memory_usage for e in prof.events())  # the largest single allocation
+    full_logits = 2000 * 5000 * 4
+    assert peaks[0] >= full_logits and peaks[100] < full_logits / 5, peaks
+
+
+def test_a_step_that_trains_nothing_measures_on_a_small_sample(tiny_model_dir):
+    """Every advantage 0: no token trains, and the mismatch and entropy come from one forward
+    over the mini-batch's first ``optim.idle_sample_seqs`` trajectories (not a micro-batch)."""
+    model, tok = load_model(str(tiny_model_dir))
+    trajs = _tool_trajs(len(tok))
+    seen: list[int] = []
+    model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(int(i[0].numel())))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    stats = policy_update(model, opt, trajs, [0.0] * len(trajs), AlgoConfig(), OptimConfig(idle_sample_seqs=2),
+                          temperature=1.0, pad_id=0)
+    assert stats["tokens_trained"] == 0 and stats["entropy"] > 0 and stats["logprob_mismatch"] > 0
+    checks = 3  # check_packing: two sequences packed, then each alone
+    assert seen[checks:] == [len(trajs[0].token_ids) + len(trajs[1].token_ids)], seen
