@@ -3,10 +3,13 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
 from tirl.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 from tirl.eval.scores import aggregate, majority_correct, pass_at_k, problem_scores
 
 
@@ -163,3 +166,43 @@ def test_hub_dataset_names_fail_clearly_without_a_hub(tiny_model_dir, tmp_path, 
     assert main(["eval", "--model", str(tiny_model_dir), "--bench", "SomeOrg/some-math-set:test", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "could not be loaded from the hub" in err and "Traceback" not in err
+
+
+def test_eval_reads_verls_parquet_and_scores_each_data_source(tiny_model_dir, tmp_path):
+    """ToRL's own test file (verl's layout: prompt messages, reward_model.ground_truth,
+    data_source): --limit takes the first N of each source and each is scored on its own."""
+    from tirl.eval.runner import bench_file
+
+    path = REPO.parent / "shared" / "data" / "formats" / "verl_format_torl_test.parquet"
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    probs = bench_file(path, limit=2)
+    assert sorted(p.source for p in probs) == ["aime24", "aime24", "aime25", "aime25", "math500", "math500"]
+    assert probs[0].answer == "204" and "Aya" in probs[0].problem
+    res, out = _eval(["--model", str(tiny_model_dir), "--bench", str(path), "--limit", "1", "--no-tools",
+                      "rollout.max_tokens_per_turn=8", "rollout.max_response_tokens=8"], tmp_path, "verl")
+    assert sorted(res["benches"]) == ["aime24", "aime25", "math500"]  # (in the file's order)
+    assert all(b["problems"] == 1 for b in res["benches"].values())
+    assert sorted(p.name for p in (out / "trajectories").iterdir()) == ["aime24.jsonl", "aime25.jsonl", "math500.jsonl"]
+
+
+def test_eval_grades_minervas_scientific_notation_golds(tmp_path):
+    """Synthetic responses to minerva_math's own problems: each gold written another way (the
+    integer, \\times 10^{}) is graded right, and a wrong exponent wrong; before #24 every one of
+    these sci-notation golds failed."""
+    from tirl.eval.runner import resolve_benchmark
+    from tirl.reward import Verifier, extract_answer
+    from tirl.reward.verify import scientific
+
+    probs = [p for p in resolve_benchmark("minerva_math", None, None) if scientific(p.answer)]
+    assert len(probs) >= 50
+    pairs, want = [], []
+    for p in probs:
+        value, figs = scientific(p.answer)
+        mantissa, exp = p.answer.lower().split("e")
+        pairs += [(p.answer, extract_answer(f"So the answer is $\\boxed{{{mantissa} \\times 10^{{{int(exp)}}}}}$.")),
+                  (p.answer, extract_answer(f"\\boxed{{{mantissa} \\times 10^{{{int(exp) + 1}}}}}"))]
+        want += [True, False]
+    with Verifier(workers=2) as v:
+        got = [x.correct for x in v.verify_batch(pairs)]
+    assert got == want, [(g, w, pr) for g, w, pr in zip(got, want, pairs) if g != w][:5]

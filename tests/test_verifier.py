@@ -99,3 +99,29 @@ def test_batch_uses_the_fast_path_for_every_plain_number():
     with Verifier(workers=1) as v:
         v.verify_batch([(str(i), str(i + i % 2)) for i in range(200)])
         assert v.stats["fast"] == 200 and v.stats["slow"] == 0 and v._workers is None  # no worker started
+
+
+def test_cli_verify_ignores_what_tools_printed(tmp_path):
+    """Transcripts from elsewhere have the tool outputs inline: a box printed by a program (ToRL's
+    ```output, ReTool's <interpreter>, a chat tool message) is never the answer, and one printed
+    after the model's own answer does not override it; --keep-tool-output grades the text as is."""
+    import json
+
+    from tirl.cli import main
+
+    torl = "```python\nprint('\\\\boxed{42}')\n```\n```output\n\\boxed{42}\n```\n"
+    rows = [
+        {"gold": "42", "response": torl + "So nothing."},  # the only box is the program's
+        {"gold": "42", "response": "\\boxed{42}\n<code>\n```python\nprint(7)\n```\n</code>\n<interpreter>\n\\boxed{7}\n</interpreter>"},
+        {"gold": "42", "response": "<tool_call>{}</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n\\boxed{42}\n</tool_response>"},
+        {"gold": "42", "response": torl + "Thus \\boxed{42}."},
+        {"gold": "42", "response": "```output\n\\boxed{42}"},  # a cut transcript: the block never closes
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["verify", str(src), "--out", str(tmp_path / "out.jsonl")]) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["correct"] for o in out] == [False, True, False, True, False]
+    assert main(["verify", str(src), "--out", str(tmp_path / "kept.jsonl"), "--keep-tool-output"]) == 0
+    kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert [o["extracted"] for o in kept][:2] == ["42", "7"]  # the old behaviour, on request

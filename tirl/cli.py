@@ -110,7 +110,7 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from tirl.reward.audit import audit_file
 
-    audit_file(args.file, args.out, args.workers, args.timeout)
+    audit_file(args.file, args.out, args.workers, args.timeout, keep_tool_output=args.keep_tool_output)
     return 0
 
 
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=None, help="write rows here (default: stdout)")
     v.add_argument("--workers", type=int, default=2)
     v.add_argument("--timeout", type=float, default=5.0, help="hard limit per answer, s [5]")
+    v.add_argument("--keep-tool-output", action="store_true",
+                   help="grade the response as it is (default: tool outputs are removed first, as in training)")
     v.set_defaults(fn=_cmd_verify)
     sf = sub.add_parser("sft", help="cold-start SFT on code-integrated traces (interpreter output masked)")
     sf.add_argument("--config", default="demo")
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model on benchmarks (with or without tools)")
     e.add_argument("--model", default=None, help="embedded name, local folder or hub id [the recipe's model]")
     e.add_argument("--config", default="demo", help="recipe giving protocol, call limit, budgets [demo]")
-    e.add_argument("--bench", default="math500", help="comma-separated: aime24,aime25,math500,amc23,olympiadbench,minerva_math,gsm8k")
+    e.add_argument("--bench", default="math500", help="comma-separated: aime24,aime25,math500,amc23,olympiadbench,minerva_math,gsm8k, or a .jsonl/.parquet file (verl layout recognised; scored per data_source)")
     e.add_argument("--n", type=int, default=1, help="samples per problem (avg@n, pass@k, maj@n) [1 = greedy]")
     e.add_argument("--temperature", type=float, default=None)
     e.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")

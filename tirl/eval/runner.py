@@ -53,6 +53,9 @@ def resolve_benchmark(name: str, data_dir: str | None, limit: int | None, proble
     AIME24, GSM8K); or any hub dataset id ``org/name[:split]`` (fields from data.problem_field /
     data.answer_field), where a hub is reachable."""
     name = ALIASES.get(name, name)
+    path = Path(name).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") and path.is_file():
+        return bench_file(path, limit, problem_field, answer_field)
     if name.startswith("synthetic:"):  # the embedded generator: a fixed, seeded set (seed 0)
         return build_problems(name, num_synthetic=limit or 100)
     root = Path(data_dir) if data_dir else default_data_dir()
@@ -66,6 +69,42 @@ def resolve_benchmark(name: str, data_dir: str | None, limit: int | None, proble
     known = sorted(p.stem for p in root.glob("*.jsonl")) if root else []
     raise TirlError(f"benchmark {name!r}: no {name}.jsonl in {root or '(no data dir found)'}. Known here: "
                     f"{', '.join(known) or 'none'}. Fix: --data-dir DIR (or $TIRL_DATA_DIR) with <name>.jsonl files.")
+
+
+VERL_FIELDS = ("prompt.-1.content", "reward_model.ground_truth")  # verl's parquet layout (ToRL's test file)
+
+
+def bench_file(path: Path, limit: int | None, problem_field: str = "problem", answer_field: str = "answer") -> list[Problem]:
+    """A benchmark file (.jsonl/.json/.parquet) with the fields ``tirl train`` takes; verl's layout
+    (``prompt`` messages, ``reward_model.ground_truth``, ``data_source``) is recognised when the
+    default fields are absent. ``limit``: the first N problems of each ``data_source``."""
+    from tirl.data.loader import _MISSING, _rows, get_field
+
+    first = next((row for _, row in _rows(path)), None)
+    if isinstance(first, dict) and (problem_field, answer_field) == ("problem", "answer"):
+        if get_field(first, "problem") is _MISSING and get_field(first, VERL_FIELDS[0]) is not _MISSING:
+            problem_field, answer_field = VERL_FIELDS
+    problems = load_problems(path, problem_field, answer_field)
+    if limit is None:
+        return problems
+    seen: dict[str, int] = {}
+    out = []
+    for p in problems:
+        seen[p.source] = seen.get(p.source, 0) + 1
+        if seen[p.source] <= limit:
+            out.append(p)
+    return out
+
+
+def bench_parts(bench: str, problems: list[Problem]) -> list[tuple[str, list[Problem]]]:
+    """``(name, problems)`` to score: a file's problems by their ``data_source`` (ToRL's test file
+    gives aime24 / aime25 / math500), anything else as one benchmark."""
+    if not Path(bench).expanduser().is_file():
+        return [(bench, problems)]
+    groups: dict[str, list[Problem]] = {}
+    for p in problems:
+        groups.setdefault(p.source, []).append(p)
+    return list(groups.items())
 
 
 def _from_hub(name: str, spec: tuple[str, str | None, str, str, str], limit: int | None) -> list[Problem]:
@@ -120,8 +159,10 @@ def evaluate(model, tok, cfg: Config, sandbox: Sandbox, verifier: Verifier, out_
                            cfg.sandbox.print_last_expr)
     system, template = (cfg.prompt.system, cfg.prompt.template) if e.tools else (e.no_tools_system, e.no_tools_template)
     results: dict[str, Any] = {}
-    for bench in e.benches:
-        problems = resolve_benchmark(bench, e.data_dir, e.limit, cfg.data.problem_field, cfg.data.answer_field)
+    parts = [part for bench in e.benches for part in
+             bench_parts(bench, resolve_benchmark(bench, e.data_dir, e.limit, cfg.data.problem_field,
+                                                  cfg.data.answer_field))]
+    for bench, problems in parts:
         torch.manual_seed(e.seed)
         t0 = time.perf_counter()
         tools = [CODE_INTERPRETER_TOOL] if e.tools and r.protocol == "chat" else None

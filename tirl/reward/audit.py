@@ -1,5 +1,10 @@
 """``tirl verify FILE.jsonl``: run the verifier over ``{"gold", "response"}`` rows and write each
-row back with ``"extracted"``, ``"correct"`` and ``"how"``, so anyone can audit it on their data."""
+row back with ``"extracted"``, ``"correct"`` and ``"how"``, so anyone can audit it on their data.
+
+A response is graded as training grades the policy's text: tool outputs (ToRL's ```output blocks,
+ReTool's <interpreter> spans, chat tool messages) and programs are removed before the final
+answer is extracted, so a ``\\boxed{}`` printed by a program never counts. ``keep_tool_output``
+(``--keep-tool-output``) grades the text as it is, for plain answers that are not transcripts."""
 
 from __future__ import annotations
 
@@ -9,11 +14,12 @@ from pathlib import Path
 
 from tirl.reward.extract import extract_answer
 from tirl.reward.verify import Verifier
-from tirl.rollout.protocol import strip_code
+from tirl.rollout.protocol import strip_code, strip_tool_output
 from tirl.types import TirlError
 
 
-def audit_file(path: str, out: str | None = None, workers: int = 2, timeout_s: float = 5.0) -> dict[str, float]:
+def audit_file(path: str, out: str | None = None, workers: int = 2, timeout_s: float = 5.0,
+               keep_tool_output: bool = False) -> dict[str, float]:
     rows = []
     with Path(path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -27,7 +33,8 @@ def audit_file(path: str, out: str | None = None, workers: int = 2, timeout_s: f
                 raise TirlError(f"{path}:{lineno}: each row needs \"gold\" and \"response\" fields")
             rows.append(row)
     with Verifier(workers, timeout_s) as v:
-        answers = [extract_answer(strip_code(str(r["response"]))) for r in rows]
+        texts = [str(r["response"]) if keep_tool_output else strip_tool_output(str(r["response"])) for r in rows]
+        answers = [extract_answer(strip_code(t)) for t in texts]
         verdicts = v.verify_batch([(str(r["gold"]), a) for r, a in zip(rows, answers)])
     sink = open(out, "w", encoding="utf-8") if out else sys.stdout
     try:

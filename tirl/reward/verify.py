@@ -42,6 +42,8 @@ _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 _RATIO = re.compile(r"^([+-]?\d+)/([+-]?\d+)$")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
 _REPEATING = re.compile(r"^([+-]?)(\d*)\.(\d*)\\overline\{?(\d+)\}?$")  # 0.1\overline{6} = 1/6
+# scientific notation, after normalise(): 4.5e33, 1.24E-8, 3\times10^{8}, 3\cdot10^8, 3*10^8, 3x10^{-8}
+_SCI = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))(?:[eE]([+-]?\d+)|(?:\\times|\\cdot|\*|×|x)10\^(?:\{([+-]?\d+)\}|([+-]?\d)))$")
 
 
 def unwrap_braces(s: str) -> str:
@@ -89,8 +91,60 @@ def _strip_parens(s: str) -> str:
     return s
 
 
+def scientific(s: str) -> tuple[Fraction, int] | None:
+    """``(exact value, significant figures)`` of a number in scientific notation (``4.5e33``,
+    ``1.24E-8``, ``3 \\times 10^{8}``, ``3\\cdot10^8``), or None. ``3.0e8`` states 2 figures."""
+    m = _SCI.match(_strip_parens(_strip_units(normalise(s))))
+    if not m:
+        return None
+    mantissa, exp = m.group(1), int(m.group(2) or m.group(3) or m.group(4))
+    if abs(exp) > 400:
+        return None
+    digits = mantissa.lstrip("+-").replace(".", "").lstrip("0") or "0"
+    return Fraction(mantissa) * Fraction(10) ** exp, max(len(digits), 1)
+
+
+def sig_figs_match(gold: tuple[Fraction, int], answer: Fraction, answer_figs: int | None) -> bool:
+    """A gold in scientific notation states its significant figures: the answer matches if it gives
+    at least as many (an exact number always does) and, rounded to the gold's, equals the gold."""
+    value, figs = gold
+    if value == 0:
+        return answer == 0
+    if answer_figs is not None and answer_figs < figs:
+        return False
+    exp = _floor_log10(abs(value))
+    unit = Fraction(10) ** (exp - figs + 1)  # the gold's last stated digit
+    q = answer / unit
+    rounded = (q + Fraction(1, 2)).__floor__() if q >= 0 else -((-q + Fraction(1, 2)).__floor__())  # half away from 0
+    return rounded * unit == value
+
+
+def _floor_log10(x: Fraction) -> int:
+    e = len(str(x.numerator)) - len(str(x.denominator))
+    while Fraction(10) ** e > x:
+        e -= 1
+    while Fraction(10) ** (e + 1) <= x:
+        e += 1
+    return e
+
+
+def _figures(s: str) -> int | None:
+    """Significant figures an answer states: None for an exact one (an integer, a fraction)."""
+    sci = scientific(s)
+    if sci is not None:
+        return sci[1]
+    t = _strip_parens(_strip_units(normalise(s))).lstrip("+-").replace(",", "")
+    if "." in t and _NUM.match(t):
+        return len(t.replace(".", "").lstrip("0")) or 1
+    return None
+
+
 def plain_number(s: str) -> Fraction | None:
-    """The exact value of a plain number written in ``s``, or None if ``s`` is anything else."""
+    """The exact value of a plain number written in ``s`` (scientific notation included), or None
+    if ``s`` is anything else."""
+    sci = scientific(s)
+    if sci is not None:
+        return sci[0]
     s = _strip_parens(_strip_units(normalise(s)))
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
@@ -119,7 +173,8 @@ def fast_verdict(gold: str, answer: str) -> bool | None:
         return True
     g, a = plain_number(gold), plain_number(answer)
     if g is not None and a is not None:
-        return g == a
+        sci = scientific(gold)
+        return sig_figs_match(sci, a, _figures(answer)) if sci is not None else g == a
     return None
 
 
@@ -143,16 +198,58 @@ def slow_verdict(gold: str, answer: str) -> bool:
     import sympy
     from math_verify import parse, verify
 
-    g = parse(f"${unwrap_braces(gold)}$", parsing_timeout=None)
+    sci = scientific(gold)
+    if sci is not None and plain_number(answer) is not None:
+        return sig_figs_match(sci, plain_number(answer), _figures(answer))
     a = parse(f"${unwrap_braces(answer)}$", parsing_timeout=None)
+    if sci is not None:  # math-verify would read the e of 3e8 as Euler's number
+        if not a or not _numeric(a[0]):
+            return False
+        value = _exactify(a[0])
+        exact = value if value.is_Rational else sympy.Rational(str(sympy.N(value, 60)))
+        return sig_figs_match(sci, Fraction(int(exact.p), int(exact.q)), _figures(answer))
+    g = parse(f"${unwrap_braces(gold)}$", parsing_timeout=None)
     if not g or not a:
         return False
     g0, a0 = g[0], a[0]
-    if _numeric(g0) and _numeric(a0) and not g0.has(sympy.Float):
-        # exact gold: the answer must equal it exactly (decimals taken at face value)
-        diff = sympy.simplify(g0 - _exactify(a0))
-        return bool(diff == 0)
+    if _numeric(g0) and _numeric(a0):
+        # a number: the answer must equal the gold exactly (decimals on both sides taken at face
+        # value: 0.35 is 35/100, and 0.349 or 0.3 is not it)
+        return _exactly_equal(g0, a0)
+    entries = _numeric_entries(g0, a0)
+    if entries is not None:  # a tuple, interval or set of numbers: each entry exactly
+        return entries
     return bool(verify(g, a, timeout_seconds=None))
+
+
+def _exactly_equal(g, a) -> bool:
+    import sympy
+
+    g, a = _exactify(g), _exactify(a)
+    return g == a or (g.is_finite is not False and a.is_finite is not False and bool(sympy.simplify(g - a) == 0))
+
+
+def _numeric_entries(g, a) -> bool | None:
+    """Exact comparison of two tuples / intervals / finite sets whose entries are all numbers
+    (math-verify would round each entry to 6 digits); None when either side is anything else.
+    A pair ``(a, b)`` parses as an open interval on both sides alike."""
+    import sympy
+
+    def parts(x):
+        if isinstance(x, sympy.Tuple):
+            return "tuple", list(x.args)
+        if isinstance(x, sympy.Interval):
+            return f"interval{bool(x.left_open):d}{bool(x.right_open):d}", [x.start, x.end]
+        if isinstance(x, sympy.FiniteSet):
+            return "set", sorted(x.args, key=lambda v: float(sympy.N(v)) if _numeric(v) else 0.0)
+        return None, None
+
+    (kg, eg), (ka, ea) = parts(g), parts(a)
+    if kg is None or ka is None or not all(_numeric(v) for v in eg + ea):
+        return None
+    if kg != ka or len(eg) != len(ea):
+        return False
+    return all(_exactly_equal(x, y) for x, y in zip(eg, ea))
 
 
 @dataclass

@@ -181,6 +181,23 @@ def strip_code(text: str) -> str:
     return text
 
 
+_TOOL_OUTPUTS = (
+    r"^```output\b.*?(?:^```|\Z)",  # ToRL (an unclosed block runs to the end: a cut transcript)
+    r"<interpreter>.*?(?:</interpreter>|\Z)",  # ReTool
+    r"<tool_response>.*?(?:</tool_response>|\Z)",  # chat templates (Qwen2.5, hermes)
+    r"<\|im_start\|>tool\b.*?(?:<\|im_end\|>|\Z)",  # a ChatML tool message
+)
+
+
+def strip_tool_output(text: str) -> str:
+    """``text`` without what a tool wrote into it, in any protocol's form: ToRL's ```output blocks,
+    ReTool's <interpreter> spans, chat tool messages. Training never sees these as the policy's
+    (they are inserted segments); a transcript from elsewhere has them inline."""
+    for pat in _TOOL_OUTPUTS:
+        text = re.sub(pat, "", text, flags=re.S | re.M)
+    return text
+
+
 def has_code(text: str) -> bool:
     return any(re.search(pat, text, re.S | re.M) for pat in _ALL_BLOCKS)
 

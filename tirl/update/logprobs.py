@@ -55,8 +55,8 @@ class HeadLogprobs(torch.autograd.Function):
                 z = _head_logits(h_MH[s : s + chunk], weight_VH, bias_V, dtype, temperature)
                 lse[s : s + chunk] = l = torch.logsumexp(z, dim=-1)
                 logp[s : s + chunk] = z.gather(-1, target_M[s : s + chunk, None]).squeeze(-1) - l
-                if want_entropy:
-                    ent[s : s + chunk] = l - (torch.softmax(z, dim=-1) * z).sum(-1)
+                if want_entropy:  # H = lse - sum p z, with p built in place of a second [K, V] block
+                    ent[s : s + chunk] = l - z.sub(l[:, None]).exp_().mul_(z).sum(-1)
         ctx.save_for_backward(h_MH, weight_VH, bias_V, target_M, lse, ent)
         ctx.settings = (temperature, chunk, dtype, want_entropy)
         ctx.set_materialize_grads(False)
