@@ -206,24 +206,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-seq", type=int, default=None, help="mixed lengths: spread evenly from this to --seq")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size (bare, tirl before; tirl without --max-tokens)")
     ap.add_argument("--max-tokens", type=int, default=None, help="tirl: optim.max_tokens_per_micro_batch")
-    ap.add_argument("--chunk", type=int, default=1024, help="tirl: optim.logprob_chunk (0: full logits)")
+    ap.add_argument("--chunk", type=int, default=512, help="tirl: optim.logprob_chunk (0: full logits)")
     ap.add_argument("--no-pack", action="store_true", help="tirl: optim.pack = false")
     ap.add_argument("--steps", type=int, default=3, help="timed updates per row")
     ap.add_argument("--entropy-coef", type=float, default=0.0)
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every row")
     ap.add_argument("--before", default=None, metavar="GIT_REF",
                     help="add a row for tirl as of this commit (e.g. 0f28c64, before chunking and packing)")
+    ap.add_argument("--rows", default=None, help="comma-separated subset of the rows to run (default: all)")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.only:
         print(json.dumps(run_row(args, args.only)))
         return
     names = ["bare NLL"] + (["tirl before"] if args.before else []) + ["tirl"]
+    if args.rows:
+        names = [n for n in names if n in args.rows.split(",")]
     rows = []
     for name in names:
         print(f"[update_bench] {name} ...", file=sys.stderr, flush=True)
         rows.append((name, run_isolated(args, argv, name)))
-    first = rows[0][1]
+    first = rows[0][1]  # the ratios are against the first row run (bare NLL unless --rows leaves it out)
     n_tok = sum(len(t.token_ids) for t in make_batch(args.batch, args.seq, 2, min_seq=args.min_seq)[0])
     lengths = f"{args.min_seq}-{args.seq}" if args.min_seq else str(args.seq)
     print(f"{args.shape} ({first['params'] / 1e6:.0f}M params, {args.dtype} weights, {args.compute_dtype} compute) on "

@@ -238,7 +238,7 @@ class OptimConfig(_Strict):
     pack: bool = True
     """Padding-free micro-batches: the trajectories end to end in one row, each with its own position
     ids and no attention across them (checked once per model; ``false``: right-padded rows)."""
-    logprob_chunk: int = Field(default=1024, ge=0)
+    logprob_chunk: int = Field(default=512, ge=0)
     """Tokens per block through the LM head when computing log-probs and entropy (recomputed in the
     backward, so one ``[chunk, vocab]`` block is alive at a time); 0 = the full ``[B, T, V]`` logits."""
     idle_sample_seqs: int = Field(default=2, ge=1)

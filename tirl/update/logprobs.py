@@ -93,7 +93,9 @@ class HeadLogprobs(torch.autograd.Function):
                 g = gz.to(mm)  # the forward's matmul dtype, as autocast's backward
                 if need_h:
                     gh[s:e] = (g @ weight.to(mm)).to(h.dtype)
-                if need_w:
+                if need_w and mm == weight.dtype:
+                    gw.addmm_(g.t(), h[s:e].to(mm))  # in place: no second [V, H] block
+                elif need_w:
                     gw.add_((g.t() @ h[s:e].to(mm)).to(weight.dtype))
                 if need_b:
                     gb.add_(g.sum(0).to(bias.dtype))
@@ -182,7 +184,7 @@ def _unsupported_head(model) -> str | None:
 
 
 def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: bool = False,
-                    entropy_grad: bool = True, chunk: int = 1024):
+                    entropy_grad: bool = True, chunk: int = 512):
     """``logp [B, T]`` (and ``entropy [B, T]`` with ``with_entropy``) for the sequences of ``lay``.
     ``entropy_grad = False`` computes the entropy outside autograd (a metric only)."""
     got: dict[str, torch.Tensor] = {}
@@ -213,7 +215,7 @@ def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: 
 
 
 def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 1024):
+                   with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 512):
     """``[B, T]`` log-prob of each token given the ones before it, under ``softmax(logits / T)``
     (the distribution the sampler drew from when top-p/top-k are off); column 0 and padding are 0.
     With ``with_entropy`` also the ``[B, T]`` entropy of the distribution each token was drawn from."""
@@ -222,7 +224,7 @@ def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
 
 
 def sequences_logprobs(model, token_ids: list[list[int]], pad_id: int, temperature: float = 1.0, *,
-                       with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 1024, pack: bool = False):
+                       with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 512, pack: bool = False):
     """:func:`token_logprobs` of a list of sequences, packed into one row (``pack``) or right-padded."""
     device = next(model.parameters()).device
     if pack:
