@@ -167,8 +167,45 @@ def plain_number(s: str) -> Fraction | None:
     return None
 
 
+_OPTION = re.compile(r"^\(?([A-E])\)?$")
+_OPTION_ANSWER = re.compile(r"^(?:\\text(?:bf)?\{)?\(([A-E])\)\}?(?:[^A-Za-z].*)?$")
+_NAMED = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?=(?!=)(.+)$")
+_INEQ = re.compile(r"^(?:(?P<lo>[^<>=]+?)(?P<lop><|\\le|\\leq)(?P<v1>[A-Za-z])(?P<hop><|\\le|\\leq)(?P<hi>[^<>=]+)"
+                   r"|(?P<v2>[A-Za-z])(?P<op>>|<|\\ge|\\geq|\\le|\\leq)(?P<num>[^<>=]+))$")
+
+
+def equivalent_form(gold: str, answer: str) -> str:
+    """The answer rewritten into the gold's form when one of these named rules applies (else as is):
+
+    * **option letter**: the gold is a letter A-E, the answer that option written with its letter
+      in parentheses (``(B)``, ``\\textbf{(B)}\\ 15``) -> the letter;
+    * **named value**: the gold has no ``=``, the answer is one variable's name, ``=``, a value
+      (``b = m``) -> the value;
+    * **inequality as interval**: the gold is an interval, the answer a one-variable inequality
+      (``k > -5``, ``-2 < x \\le 3``) -> the interval it describes (``(-5, \\infty)``, ``(-2, 3]``)."""
+    g, a = normalise(gold), normalise(answer)
+    if _OPTION.match(g):
+        m = _OPTION_ANSWER.match(a)
+        return m.group(1) if m else answer
+    if "=" in g or "\\le" in g or "\\ge" in g or "<" in g or ">" in g:
+        return answer
+    if g[:1] in "([" and g[-1:] in ")]" and g.count(",") == 1:
+        m = _INEQ.match(a)
+        if m and m.group("v1"):
+            return f"{'(' if m.group('lop') == '<' else '['}{m.group('lo')},{m.group('hi')}{')' if m.group('hop') == '<' else ']'}"
+        if m:
+            op, num = m.group("op"), m.group("num")
+            closed = op in ("\\ge", "\\geq", "\\le", "\\leq")
+            if op in (">", "\\ge", "\\geq"):
+                return f"{'[' if closed else '('}{num},\\infty)"
+            return f"(-\\infty,{num}{']' if closed else ')'}"
+    m = _NAMED.match(a)
+    return m.group(1) if m else answer
+
+
 def fast_verdict(gold: str, answer: str) -> bool | None:
     """True/False when tier 1 can decide, None when the pool must."""
+    answer = equivalent_form(gold, answer)
     if normalise(gold) == normalise(answer):
         return True
     g, a = plain_number(gold), plain_number(answer)
@@ -195,6 +232,7 @@ def _numeric(x):
 
 def slow_verdict(gold: str, answer: str) -> bool:
     """Tiers 2-3. Runs in a worker; may be slow on pathological input (the pool bounds it)."""
+    answer = equivalent_form(gold, answer)
     import sympy
     from math_verify import parse, verify
 
