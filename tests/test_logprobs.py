@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tirl.config import AlgoConfig, OptimConfig
 from tirl.models import load_model
 from tirl.types import Problem, TirlError, Trajectory
-from tirl.update.logprobs import HeadLogprobs, head_logprobs, sequences_logprobs
+from tirl.update.logprobs import HeadLogprobs, head_logprobs, logprobs_of_sequences
 from tirl.update.step import by_tokens, micro_batches, policy_update, sequence_logprobs
 
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -57,7 +57,7 @@ def test_chunked_equals_full_logits_values_and_gradients(tiny_model_dir, tempera
     out = {}
     for chunk in (0, 5, 64, 4096):
         model.zero_grad(set_to_none=True)
-        logp, ent = sequences_logprobs(model, ids, 0, temperature, with_entropy=True, chunk=chunk)
+        logp, ent = logprobs_of_sequences(model, ids, 0, temperature, with_entropy=True, chunk=chunk)
         ((logp * mask).sum() - 0.3 * (ent * mask).sum()).backward()
         out[chunk] = (logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     ref = out[0]
@@ -75,7 +75,7 @@ def test_packed_equals_padded_values_and_gradients(tiny_model_dir):
     out = {}
     for pack in (False, True):
         model.zero_grad(set_to_none=True)
-        logp, ent = sequences_logprobs(model, ids, 0, 0.7, with_entropy=True, pack=pack)
+        logp, ent = logprobs_of_sequences(model, ids, 0, 0.7, with_entropy=True, pack=pack)
         (logp.sum() + ent.sum()).backward()
         out[pack] = logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
@@ -87,10 +87,10 @@ def test_packed_equals_padded_values_and_gradients(tiny_model_dir):
 def test_chunked_head_under_bfloat16_autocast_matches_full_logits(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir), "float32", compute_dtype="bfloat16")
     ids = [t.token_ids for t in _tool_trajs(len(tok))]
-    full = sequences_logprobs(model, ids, 0, chunk=0)
-    chunked = sequences_logprobs(model, ids, 0, chunk=7, pack=True)
+    full = logprobs_of_sequences(model, ids, 0, chunk=0)
+    chunked = logprobs_of_sequences(model, ids, 0, chunk=7, pack=True)
     assert torch.allclose(full, chunked, atol=2e-2)  # bf16 attention/matmul order, not a different computation
-    assert not torch.equal(full, sequences_logprobs(load_model(str(tiny_model_dir))[0], ids, 0, chunk=0))
+    assert not torch.equal(full, logprobs_of_sequences(load_model(str(tiny_model_dir))[0], ids, 0, chunk=0))
 
 
 def _update(model, trajs, adv, optim: OptimConfig, algo: AlgoConfig) -> dict[str, torch.Tensor]:
@@ -152,7 +152,7 @@ def test_packing_that_leaks_is_refused_fake_mask_builder(tiny_model_dir, monkeyp
     model, tok = load_model(str(tiny_model_dir))
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
     with pytest.raises(TirlError, match="optim.pack=false"):
-        sequences_logprobs(model, [[5, 6, 7], [8, 9]], 0, pack=True)
+        logprobs_of_sequences(model, [[5, 6, 7], [8, 9]], 0, pack=True)
 
 
 def test_only_one_chunk_of_logits_is_alive(tiny_model_dir):

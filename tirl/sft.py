@@ -31,7 +31,7 @@ from tirl.config import Config
 from tirl.dist import Dist
 from tirl.rollout.protocol import ToolProtocol, get_protocol
 from tirl.types import TirlError
-from tirl.update.logprobs import check_packing, sequences_logprobs
+from tirl.update.logprobs import check_packing, logprobs_of_sequences
 from tirl.update.step import SINGLE, device_of, dummy_pass, micro_batches, pad_tokens
 
 
@@ -181,7 +181,7 @@ def sft_step(model, optimizer, batch: list[SFTExample], optim, pad_id: int, dist
             continue
         part = [mine[i] for i in idx]
         _, _, mask = pad_tokens([e.token_ids for e in part], [e.mask for e in part], pad_id, device_of(model))
-        logp = sequences_logprobs(model, [e.token_ids for e in part], pad_id, chunk=optim.logprob_chunk, pack=optim.pack)
+        logp = logprobs_of_sequences(model, [e.token_ids for e in part], pad_id, chunk=optim.logprob_chunk, pack=optim.pack)
         loss = sft_loss(logp, mask, n_tok)
         loss.backward()
         total += float(loss.detach())

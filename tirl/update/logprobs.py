@@ -164,11 +164,15 @@ def packed_layout(token_ids: list[list[int]], device=None) -> Layout:
 def _head_replaced(model, fn):
     """Within the block, the model's LM head module computes ``fn(hidden [R, L, H])`` instead."""
     head = model.get_output_embeddings()
+    before = head.__dict__.get("forward")  # an instance-level forward someone else set (a hook library)
     head.forward = fn
     try:
         yield head
     finally:
-        del head.forward
+        if before is None:
+            del head.forward
+        else:
+            head.forward = before
 
 
 def _unsupported_head(model) -> str | None:
@@ -223,7 +227,7 @@ def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
                            entropy_grad, chunk)
 
 
-def sequences_logprobs(model, token_ids: list[list[int]], pad_id: int, temperature: float = 1.0, *,
+def logprobs_of_sequences(model, token_ids: list[list[int]], pad_id: int, temperature: float = 1.0, *,
                        with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 512, pack: bool = False):
     """:func:`token_logprobs` of a list of sequences, packed into one row (``pack``) or right-padded."""
     device = next(model.parameters()).device
