@@ -292,6 +292,7 @@ class Dist:
             import torch.distributed as td
 
             if td.is_initialized():
+                td.barrier()  # every rank tears gloo down together (one leaving early aborted another's teardown)
                 td.destroy_process_group()
 
 

@@ -197,7 +197,7 @@ def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: 
     def head_forward(hidden_RLH: torch.Tensor) -> torch.Tensor:
         h = hidden_RLH.reshape(-1, hidden_RLH.shape[-1]).index_select(0, lay.src)
         got["logp"], got["ent"] = head_logprobs(h, head, lay.target, temperature, chunk, with_entropy, entropy_grad)
-        return torch.stack([got["logp"], got["ent"]], -1)[None]  # FSDP hooks the backward on the output
+        return torch.stack([got["logp"][None], got["ent"][None]], -1)  # [1, M, 2], not a view: FSDP hooks it
 
     kwargs = dict(input_ids=lay.input_ids, attention_mask=lay.attention_mask, position_ids=lay.position_ids,
                   use_cache=False)
