@@ -113,14 +113,20 @@ def head_logprobs(h_MH: torch.Tensor, head: torch.nn.Module, target_M: torch.Ten
         logp, ent = HeadLogprobs.apply(h_MH, head.weight, head.bias, target_M, t, chunk, dtype, with_entropy)
         return logp, ent if entropy_grad else ent.detach()
     with torch.autocast(device, enabled=False):
-        z = _head_logits(h_MH, head.weight, head.bias, dtype, t)
-        lse = torch.logsumexp(z, dim=-1)
-        logp = z.gather(-1, target_M[:, None]).squeeze(-1) - lse
-        if not with_entropy:
-            return logp, torch.zeros_like(logp)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = lse - (torch.exp(z - lse[:, None]) * z).sum(-1)
-    return logp, ent
+        return logits_logprobs(_head_logits(h_MH, head.weight, head.bias, dtype, t), target_M, with_entropy,
+                               entropy_grad)
+
+
+def logits_logprobs(z_MV: torch.Tensor, target_M: torch.Tensor, with_entropy: bool,
+                    entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [M], entropy [M])`` from float logits (already divided by the temperature), all at
+    once: the plain computation (entropy 0 without ``with_entropy``)."""
+    lse = torch.logsumexp(z_MV, dim=-1)
+    logp = z_MV.gather(-1, target_M[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logp, lse - (torch.exp(z_MV - lse[:, None]) * z_MV).sum(-1)
 
 
 @dataclass
@@ -209,10 +215,7 @@ def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: 
             logits = model(**kwargs).logits.float()
         z = logits.reshape(-1, logits.shape[-1]).index_select(0, lay.src)
         z = z / temperature if temperature > 0 and temperature != 1.0 else z
-        lse = torch.logsumexp(z, dim=-1)
-        got["logp"] = z.gather(-1, lay.target[:, None]).squeeze(-1) - lse
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            got["ent"] = lse - (torch.softmax(z, -1) * z).sum(-1)
+        got["logp"], got["ent"] = logits_logprobs(z, lay.target, with_entropy, entropy_grad)
     b, t = lay.shape
     out = [torch.zeros(b * t, device=lay.src.device).index_put((lay.dst,), got[k]).view(b, t) for k in ("logp", "ent")]
     return (out[0], out[1]) if with_entropy else out[0]
