@@ -16,8 +16,10 @@ class ScriptedFakeEngine:
     recorded in ``sampled`` so tests can check the mask against it.
     """
 
-    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[str]], logprob: float = -0.5):
+    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[str]], logprob: float = -0.5,
+                 eos_ids: set[int] | None = None):
         self.tok, self.scripts, self.logprob = tokenizer, scripts, logprob
+        self.eos_ids = eos_ids if eos_ids is not None else {tokenizer.eos_token_id}
         self.calls = {k: 0 for k in scripts}
         self.sampled: dict[tuple[int, ...], list[int]] = {k: [] for k in scripts}
         self.stops_seen: list[StopCondition | None] = []
@@ -35,7 +37,7 @@ class ScriptedFakeEngine:
             text = self.scripts[row][self.calls[row]]
             self.calls[row] += 1
             toks = self.tok(text, add_special_tokens=False)["input_ids"][:budget]
-            n, reason = find_finish([self.tok.decode([t]) for t in toks], toks, {self.tok.eos_token_id}, stop)
+            n, reason = find_finish([self.tok.decode([t]) for t in toks], toks, self.eos_ids, stop)
             self.sampled[row] += toks[:n]
             out.append(Generation(token_ids=toks[:n], logprobs=[self.logprob] * n, finish_reason=reason))
         return out

@@ -165,11 +165,12 @@ def test_chat_tool_calls_render_exactly_like_the_template(tiny, sandbox):
     proto = chat_protocol(tok)
     call = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
     bad = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": print(1)}}\n</tool_call>'
-    items, engine = _setup(tok, [[call + " NEVER SAMPLED", f"So \\boxed{{42}}{eos}"], [bad, f"sorry{eos}"]])
+    items, engine = _setup(tok, [[call + eos + " NEVER SAMPLED", f"So \\boxed{{42}}{eos}"], [bad + eos, f"sorry{eos}"]])
     (a, b), _ = rollout(engine, tok, sandbox, items, SamplingParams(), RolloutLimits(), proto)
     for t in (a, b):
         check_invariants(t, tok)
     assert a.tool_calls[0].observation == "42" and [s.kind for s in a.segments] == ["prompt", "model", "tool", "model"]
+    assert a.segments[1].text.endswith(eos)  # the end of the tool-call turn is sampled (mask 1)
     msgs = [{"role": "system", "content": "Use python."}, {"role": "user", "content": a.problem.problem},
             {"role": "assistant", "content": call}, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "So \\boxed{42}"}]
     assert tok.decode(a.token_ids) == tok.apply_chat_template(msgs, tokenize=False).rstrip("\n")

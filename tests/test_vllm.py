@@ -51,6 +51,29 @@ def test_vllm_rollout_matches_hf_greedy(engines, mode):
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-3
 
 
+@pytest.mark.parametrize("mode", ["async", "lockstep"])
+def test_chat_tool_calls_with_vllm_match_hf(engines, mode):
+    """The chat protocol on vLLM: the model ends its tool-call turn on <|im_end|> (its EOS, sampled),
+    the call runs, and the trajectory goes on after that EOS (a session resumed past a finished
+    request). Same ids and masks as the HF engine, greedy; the prompts get the model to copy a call."""
+    from tirl.rollout.protocol import chat_protocol
+    from tirl.types import Problem
+
+    v, h, model, tok = engines
+    call = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
+    probs = [Problem(id=str(i), problem=f"Repeat this text exactly, nothing else:\n{call}", answer="42") for i in range(3)]
+    items = [(p, i, render_prompt(p, tok, "chat", "{problem}", "You repeat text exactly." + " " * i)) for i, p in enumerate(probs)]
+    proto, limits = chat_protocol(tok), RolloutLimits(2, 64, 256)
+    with ZygotePool(lanes=2) as sb:
+        a, _ = rollout(v, tok, sb, items, SamplingParams(temperature=0.0), limits, proto, mode)
+        b, _ = rollout(h, tok, sb, items, SamplingParams(temperature=0.0), limits, proto, "lockstep")
+    ran = [c for t in a for c in t.tool_calls if c.observation == "42"]
+    assert ran and all(t.token_ids[c.span[0] - 1] == tok.eos_token_id for t in a for c in t.tool_calls)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids and x.mask == y.mask
+        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-3
+
+
 LINE = ToolProtocol(name="line", open_re=r"\A", close_re=r"\n", block_re=r"\A(.*?)\n",
                     output_open="```output\n", output_close="\n```\n", stop_strings=("\n",))
 

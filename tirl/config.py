@@ -69,14 +69,25 @@ class DataConfig(_Strict):
     seed: int = 0
 
 
+_SOLVER = "You are a helpful assistant who solves math problems. "
+_ANSWER = " Then give the final answer as \\boxed{answer}."
+SYSTEM_PROMPTS = {
+    "torl": _SOLVER + ("You can run Python: write a program in a ```python code block and it will be executed; "
+                       "its output is shown to you in a ```output block.") + _ANSWER,
+    "retool": _SOLVER + ("You can run Python: write a program as <code>\n```python\n...\n```\n</code> and it will be "
+                         "executed; its output is shown to you in <interpreter> tags.") + _ANSWER,
+    "chat": _SOLVER + ("You can run Python with the code_interpreter tool: call it with a program that prints what "
+                       "you need, and its output comes back to you.") + _ANSWER,
+}
+"""The system prompt ``prompt.system = "auto"`` stands for, per ``rollout.protocol``: each tells the
+model the tool format that protocol runs."""
+
+
 class PromptConfig(_Strict):
     style: Literal["chat", "raw"] = "chat"
     """``chat``: the tokenizer's chat template (instruct models); ``raw``: ``template`` as plain text."""
-    system: str | None = (
-        "You are a helpful assistant who solves math problems. You can run Python: write a "
-        "program in a ```python code block and it will be executed; its output is shown to you "
-        "in a ```output block. Then give the final answer as \\boxed{answer}."
-    )
+    system: str | None = "auto"
+    """The system message (chat style); ``auto``: the one for ``rollout.protocol`` (``SYSTEM_PROMPTS``)."""
     template: str = "{problem}"
     """The user message (chat) or the whole prompt (raw); ``{problem}`` is replaced."""
 
@@ -328,6 +339,8 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check_budgets(self) -> "Config":
+        if self.prompt.system == "auto":
+            self.prompt.system = SYSTEM_PROMPTS[self.rollout.protocol]
         if self.reward.overlong_max_tokens is None:
             self.reward.overlong_max_tokens = self.rollout.max_response_tokens
         if self.sandbox.backend == "sandboxfusion" and not self.sandbox.url:

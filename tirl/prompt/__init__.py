@@ -52,4 +52,4 @@ def render_prompt(problem: Problem, tokenizer, style: str, template: str, system
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         raise TirlError(f"unknown prompt.style {style!r}; use 'chat' or 'raw'")
-    return Prompt(text=text, token_ids=list(ids))
+    return Prompt(text=tokenizer.decode(ids), token_ids=list(ids))  # the text the ids are (NFC, special tokens)

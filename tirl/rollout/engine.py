@@ -66,6 +66,9 @@ class StopCondition:
     """Character offset just past the first stop trigger in the text, or None."""
     strings: tuple[str, ...] = ()
     """Stop strings that every trigger ends with (for engines that need strings)."""
+    token_ids: tuple[int, ...] = ()
+    """Token ids that end a turn (a chat template's end-of-turn), for engines that match stop
+    strings on text without special tokens (vLLM); ``find`` still decides."""
 
 
 @dataclass

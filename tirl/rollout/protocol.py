@@ -44,9 +44,19 @@ class ToolProtocol:
     json_code_arg: str | None = None  # the block is a JSON tool call; the code is arguments[json_code_arg]
     newline_first: bool = True  # start the inserted text on a new line (not for chat templates)
     stop_strings: tuple[str, ...] = ()  # strings every trigger ends with, for engines that only take strings
+    turn_end: str | None = None
+    """Chat templates: the end-of-turn text (``<|im_end|>``). The model samples it after its calls
+    (mask 1, as SFT trains it); every call of the turn runs when the turn ends, on it or on EOS."""
+    response_sep: str = ""  # between two tool responses of one turn (chat)
+    tool_name: str | None = None  # a JSON call must name this tool
+    stop_ids: tuple[int, ...] = ()  # token ids that end a turn (for engines that match stop strings on text without special tokens)
 
     def find_stop(self, text: str) -> int | None:
-        """Offset just past the first tool trigger in one turn's generated text, or None."""
+        """Offset just past the first tool trigger in one turn's generated text, or None (chat:
+        just past the first end of turn, whether or not the turn called a tool)."""
+        if self.turn_end is not None:
+            i = text.find(self.turn_end)
+            return i + len(self.turn_end) if i >= 0 else None
         ends = []
         for trig in self.output_triggers:
             i = text.find(trig)
@@ -61,7 +71,60 @@ class ToolProtocol:
 
     @property
     def stop(self) -> StopCondition:
-        return StopCondition(find=self.find_stop, strings=self.stop_strings)
+        return StopCondition(find=self.find_stop, strings=self.stop_strings, token_ids=self.stop_ids)
+
+    @property
+    def final_stop(self) -> StopCondition | None:
+        """The stop condition once no call is left: none (code written then is never run), except
+        that a chat turn still ends at its end-of-turn token."""
+        return self.stop if self.turn_end is not None else None
+
+    def turn_calls(self, turn_text: str, finish_reason: str) -> list[str | None | MalformedToolCall] | None:
+        """What one generated turn asks to run, in order, or None when it asks for nothing (the
+        trajectory ends). Each item is code, None (a trigger with no block before it), or a
+        :class:`MalformedToolCall` whose message is fed back. ToRL/ReTool: the last closed block,
+        when the turn ended on the trigger. Chat: every ``<tool_call>`` of a turn that ended (its
+        end-of-turn token or EOS), a trailing unclosed one as malformed."""
+        if self.turn_end is None:
+            if finish_reason != "tool":
+                return None
+            try:
+                return [self.extract_code(turn_text)]
+            except MalformedToolCall as e:
+                return [e]
+        if finish_reason not in ("tool", "eos"):
+            return None  # cut by the token budget: a call in it never runs
+        calls: list[str | None | MalformedToolCall] = []
+        last = 0
+        for m in re.compile(self.block_re, re.S).finditer(turn_text):
+            calls.append(self._json_call(m.group(1)))
+            last = m.end()
+        if re.search(self.open_re, turn_text[last:]):
+            calls.append(MalformedToolCall(f"Error: the tool call is not closed with {self.close_re}"))
+        return calls or None
+
+    def _json_call(self, block: str) -> str | MalformedToolCall:
+        try:
+            return _code_from_json(block, self.json_code_arg or "code", self.tool_name)
+        except MalformedToolCall as e:
+            return e
+
+    def insertion_parts(self, turn_text: str, observations: list[str]) -> list[tuple[str, bool]]:
+        """What to append after a turn that called tools, as ``(text, is_markup)`` parts: the
+        protocol's markup (may hold control tokens) and the observations (plain text, always)."""
+        if self.turn_end is None:
+            (obs,) = observations
+            full = self.insertion(turn_text, obs)
+            end = obs + self.output_close
+            if not full.endswith(end):  # a protocol with its own insertion format: all of it is data
+                return [(full, False)]
+            return [(full[: len(full) - len(end)], True), (obs, False), (self.output_close, True)]
+        # A turn that ended on EOS instead of the end-of-turn token gets that token inserted (mask 0).
+        lead = "" if turn_text.endswith(self.turn_end) else self.turn_end
+        parts: list[tuple[str, bool]] = [(lead + self.output_open, True)]
+        for k, obs in enumerate(observations):
+            parts += ([(self.response_sep, True)] if k else []) + [(obs, False)]
+        return parts + [(self.output_close, True)]
 
     def extract_code(self, turn_text: str) -> str | None:
         """The last closed code block of one turn (None if there is none). For JSON tool calls, a
@@ -76,6 +139,8 @@ class ToolProtocol:
     def insertion(self, turn_text: str, obs: str) -> str:
         """The text to append after a turn that ended on a trigger: the output block, minus what
         the model already wrote of it (the trigger itself, a newline)."""
+        if self.turn_end is not None:
+            return "".join(text for text, _ in self.insertion_parts(turn_text, [obs]))
         sep = "" if turn_text.endswith("\n") or not self.newline_first else "\n"
         last = list(re.compile(self.block_re, re.S | re.M).finditer(turn_text))
         after_block = turn_text[last[-1].end() :] if last else turn_text
@@ -123,9 +188,11 @@ class MalformedToolCall(ValueError):
     pass
 
 
-def _code_from_json(block: str, arg: str) -> str:
+def _code_from_json(block: str, arg: str, tool: str | None = None) -> str:
+    """``arguments[arg]`` of a JSON tool call; ``tool``: the one tool there is (another name is an error)."""
     import json
 
+    name = tool or "code_interpreter"
     try:
         call = json.loads(block.strip())
         args = call.get("arguments", {}) if isinstance(call, dict) else {}
@@ -134,28 +201,41 @@ def _code_from_json(block: str, arg: str) -> str:
         code = args.get(arg) if isinstance(args, dict) else None
     except (json.JSONDecodeError, AttributeError) as e:
         raise MalformedToolCall(f"Error: the tool call is not valid JSON ({e})") from None
+    if not isinstance(call, dict):
+        raise MalformedToolCall(f'Error: the tool call must be a JSON object {{"name": "{name}", "arguments": {{...}}}}')
+    if tool is not None and call.get("name") != tool:
+        raise MalformedToolCall(f"Error: there is no tool named {json.dumps(call.get('name'))}; the only tool is {json.dumps(tool)}")
     if not isinstance(code, str):
-        raise MalformedToolCall(f'Error: the tool call needs {{"name": "code_interpreter", "arguments": {{"{arg}": "..."}}}}')
+        raise MalformedToolCall(f'Error: the tool call needs {{"name": "{name}", "arguments": {{"{arg}": "..."}}}}')
     return code
 
 
-def chat_protocol(tokenizer) -> ToolProtocol:
-    """Chat-template tool calls (Qwen/hermes style): the model writes ``<tool_call>{"name":
-    "code_interpreter", "arguments": {"code": ...}}</tool_call>``; the inserted text closes its turn,
-    adds a tool message with the output and opens the next assistant turn, exactly as the
-    tokenizer's own chat template renders them (derived once from a placeholder conversation)."""
+def chat_protocol(tokenizer, tool_name: str = "code_interpreter") -> ToolProtocol:
+    """Chat-template tool calls (Qwen/hermes style): the model writes one or more
+    ``<tool_call>{"name": "code_interpreter", "arguments": {"code": ...}}</tool_call>`` and ends
+    its turn (``<|im_end|>``, sampled); all of the turn's calls run, and the inserted text adds
+    their tool messages and opens the next assistant turn, exactly as the tokenizer's own chat
+    template renders them (derived once from a placeholder conversation with two tool messages)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("rollout.protocol = 'chat' needs a tokenizer with a chat template")
-    a_mark, o_mark = "\u0000ASSISTANT\u0000", "\u0000OUTPUT\u0000"
-    msgs = [{"role": "user", "content": "u"}, {"role": "assistant", "content": a_mark}, {"role": "tool", "content": o_mark}]
+    a_mark, o1, o2 = "\u0000ASSISTANT\u0000", "\u0000OUTPUT1\u0000", "\u0000OUTPUT2\u0000"
+    user = {"role": "user", "content": "u"}
+    msgs = [user, {"role": "assistant", "content": a_mark}, {"role": "tool", "content": o1}, {"role": "tool", "content": o2}]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    if a_mark not in text or o_mark not in text:
+    if not all(m in text for m in (a_mark, o1, o2)):
         raise ValueError("this chat template does not render tool messages; use rollout.protocol = 'torl' or 'retool'")
-    between = text[text.index(a_mark) + len(a_mark) :]
-    head, tail = between.split(o_mark, 1)
+    plain = tokenizer.apply_chat_template([user, {"role": "assistant", "content": a_mark}, user], tokenize=False)
+    turn_end = plain[plain.index(a_mark) + len(a_mark):].split("\n")[0].strip()  # what closes an assistant turn
+    head, rest = text[text.index(a_mark) + len(a_mark):].split(o1, 1)
+    sep, tail = rest.split(o2, 1)
+    if not turn_end or not head.startswith(turn_end):
+        raise ValueError("cannot find the chat template's end-of-turn marker after an assistant message; "
+                         "use rollout.protocol = 'torl' or 'retool'")
+    ids = tokenizer(turn_end, add_special_tokens=False)["input_ids"]
     return ToolProtocol(name="chat", open_re=r"<tool_call>", close_re=r"</tool_call>", block_re=_CHAT_BLOCK,
-                        output_open=head, output_close=tail, json_code_arg="code", newline_first=False, stop_strings=("</tool_call>",),
-                        prompt="{problem}")
+                        output_open=head[len(turn_end):], output_close=tail, json_code_arg="code", newline_first=False,
+                        stop_strings=(turn_end,), turn_end=turn_end, response_sep=sep, tool_name=tool_name,
+                        stop_ids=tuple(ids) if len(ids) == 1 else (), prompt="{problem}")
 
 
 def get_protocol(name: str, tokenizer=None) -> ToolProtocol:

@@ -14,12 +14,14 @@ without the tool trigger, so code written then is never run (ToRL's switch to pu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tirl.prompt import Prompt
 from tirl.rollout import protocol as torl
+from tirl.rollout.encode import insert_ids
 from tirl.rollout.protocol import TORL, MalformedToolCall, ToolProtocol
 from tirl.rollout.engine import AsyncEngine, BatchingAsyncEngine, Engine, SamplingParams, derive_seed
 from tirl.sandbox import Sandbox
@@ -156,23 +158,41 @@ def rollout(
             active = [b for b in builders if not b.done]
             if not active:
                 break
-            stop = protocol.stop if turn < limits.max_tool_calls else None
-            kw = {"sessions": active} if sessions else {}
-            if seeded:
-                kw["seeds"] = [b.seed for b in active]
             with clock.span("gen"):
-                gens = engine.generate([b.t.token_ids for b in active], [_budget(b, limits) for b in active], params,
-                                       stop, **kw)
+                gens = _generate_turn(engine, active, ctx, sessions, seeded)
             pending = [(b, call) for b, g in zip(active, gens) if (call := _take(b, g, ctx)) is not None]
-            runnable = [(b, code) for b, (_, code) in pending if isinstance(code, str)]
+            programs = [_program(b, code, limits) for b, (_, calls) in pending for code in calls if isinstance(code, str)]
             with clock.span("tool"):
-                results = iter(sandbox.run_many([_program(b, code, limits) for b, code in runnable], limits.tool_timeout_s))
-            for b, (text, code) in pending:
-                _insert(b, text, code, next(results) if isinstance(code, str) else None, turn, ctx)
+                results = iter(sandbox.run_many(programs, limits.tool_timeout_s))
+            for b, (text, calls) in pending:
+                _insert(b, text, calls, [next(results) if isinstance(c, str) else None for c in calls], turn, ctx)
             for b in active:
                 if sessions and b.done:
                     engine.release(b)
     return [b.t for b in builders], clock.times
+
+
+def _generate_turn(engine, active: list[_Builder], ctx: _Ctx, sessions: bool, seeded: bool) -> list:
+    """One turn of every active trajectory, one ``generate`` call per stop condition (a
+    trajectory with no call left stops at ``protocol.final_stop``); generations in ``active``'s order."""
+    out: list = [None] * len(active)
+    by_stop: dict[int, list[int]] = {}
+    for i, b in enumerate(active):
+        by_stop.setdefault(_calls_left(b, ctx.limits) > 0, []).append(i)
+    for has_calls, idx in sorted(by_stop.items(), reverse=True):
+        rows = [active[i] for i in idx]
+        kw = {"sessions": rows} if sessions else {}
+        if seeded:
+            kw["seeds"] = [b.seed for b in rows]
+        stop = ctx.protocol.stop if has_calls else ctx.protocol.final_stop
+        gens = engine.generate([b.t.token_ids for b in rows], [_budget(b, ctx.limits) for b in rows], ctx.params, stop, **kw)
+        for i, g in zip(idx, gens):
+            out[i] = g
+    return out
+
+
+def _calls_left(b: _Builder, limits: RolloutLimits) -> int:
+    return limits.max_tool_calls - len(b.t.tool_calls)
 
 
 @contextmanager
@@ -220,18 +240,22 @@ async def _one_trajectory(engine: AsyncEngine, b: _Builder, ctx: _Ctx, clock: _C
         kw["seed"] = b.seed
     try:
         for turn in range(limits.max_tool_calls + 1):
-            stop = ctx.protocol.stop if turn < limits.max_tool_calls else None
+            stop = ctx.protocol.stop if _calls_left(b, limits) > 0 else ctx.protocol.final_stop
             with clock.span("gen"):
                 g = await engine.agenerate(b.t.token_ids, _budget(b, limits), ctx.params, stop, **kw)
             call = _take(b, g, ctx)
             if call is None:
                 return
-            text, code = call
-            res = None
-            if isinstance(code, str):
-                with clock.span("tool"):
-                    res = await ctx.sandbox.arun(_program(b, code, limits), limits.tool_timeout_s)
-            _insert(b, text, code, res, turn, ctx)
+            text, calls = call
+            results: list[ExecResult | None] = [None] * len(calls)
+            runs = [i for i, c in enumerate(calls) if isinstance(c, str)]
+            if runs:
+                with clock.span("tool"):  # a turn's calls run concurrently
+                    done = await asyncio.gather(*(ctx.sandbox.arun(_program(b, calls[i], limits), limits.tool_timeout_s)
+                                                  for i in runs))
+                for i, r in zip(runs, done):
+                    results[i] = r
+            _insert(b, text, calls, results, turn, ctx)
             if b.done:
                 return
     finally:
@@ -243,20 +267,23 @@ def _budget(b: _Builder, limits: RolloutLimits) -> int:
     return min(limits.max_tokens_per_turn, limits.max_response_tokens - b.used)
 
 
-def _take(b: _Builder, g, ctx: _Ctx) -> tuple[str, str | None | MalformedToolCall] | None:
-    """Append one generation (mask 1). Returns ``(turn text, code)`` when it ended on the tool
-    trigger (``code`` None: nothing to run; a ``MalformedToolCall``: fed back as the tool's
-    output), None when the trajectory is finished (EOS or out of budget)."""
+def _take(b: _Builder, g, ctx: _Ctx) -> tuple[str, list] | None:
+    """Append one generation (mask 1). Returns ``(turn text, calls)`` when the turn asks for tools
+    and calls are left (``calls``: at most that many, each code, None — nothing to run — or a
+    :class:`MalformedToolCall`, fed back as the tool's output); None when the trajectory is
+    finished (EOS, out of budget, or calls made after the last allowed one, which never run)."""
     text = ctx.tokenizer.decode(g.token_ids)
     b.append("model", g.token_ids, text, g.logprobs)
     b.t.finish_reason = g.finish_reason
-    if g.finish_reason != "tool":
+    calls = ctx.protocol.turn_calls(text, g.finish_reason)
+    left = _calls_left(b, ctx.limits)
+    if calls is None or left <= 0:
+        if b.t.finish_reason == "tool":
+            b.t.finish_reason = "eos"  # the model ended its turn (chat), asking for nothing that runs
         b.done = True
         return None
-    try:
-        return text, ctx.protocol.extract_code(text)
-    except MalformedToolCall as e:
-        return text, e
+    b.t.finish_reason = "tool"
+    return text, calls
 
 
 def _program(b: _Builder, code: str, limits: RolloutLimits) -> str:
@@ -268,19 +295,31 @@ def _program(b: _Builder, code: str, limits: RolloutLimits) -> str:
     return code
 
 
-def _insert(b: _Builder, text: str, code, res: ExecResult | None, turn: int, ctx: _Ctx) -> None:
-    """Append the tool's output (mask 0), or end the trajectory when it does not fit."""
-    if isinstance(code, MalformedToolCall):
-        res, code = ExecResult("", str(code), 1), ""
-    elif code is None:  # the model wrote ```output without a python block before it
-        res = ExecResult("", "", None, error="no code block to run")
-    assert res is not None
+LIMIT_REACHED = "Error: the limit of {n} tool calls per trajectory is reached; this call was not run"
+
+
+def _insert(b: _Builder, text: str, calls: list, results: list[ExecResult | None], turn: int, ctx: _Ctx) -> None:
+    """Append the tools' responses to one turn (mask 0), or end the trajectory when they do not
+    fit. Calls past the trajectory's limit are answered with :data:`LIMIT_REACHED`, not run."""
     limits = ctx.limits
-    obs = torl.observation(res, limits.obs_head_chars, limits.obs_tail_chars)
-    inserted = ctx.protocol.insertion(text, obs)
-    ids = ctx.tokenizer(inserted, add_special_tokens=False)["input_ids"]
+    left = _calls_left(b, limits)
+    made: list[ToolCall] = []
+    observations = []
+    for code, res in zip(calls, results):
+        if len(made) >= left:
+            observations.append(LIMIT_REACHED.format(n=limits.max_tool_calls))
+            continue
+        if isinstance(code, MalformedToolCall):
+            res, code = ExecResult("", str(code), 1), ""
+        elif code is None:  # the model wrote ```output without a python block before it
+            res = ExecResult("", "", None, error="no code block to run")
+        assert res is not None
+        obs = torl.observation(res, limits.obs_head_chars, limits.obs_tail_chars)
+        observations.append(obs)
+        made.append(ToolCall(turn=turn, code=code or "", result=res, observation=obs, span=(0, 0)))
+    ids = insert_ids(ctx.tokenizer, ctx.protocol.insertion_parts(text, observations))
     if b.used + len(ids) >= limits.max_response_tokens:
         b.t.finish_reason, b.done = "length", True  # no room for the output and a reply
         return
-    span = b.append("tool", ids, inserted)
-    b.t.tool_calls.append(ToolCall(turn=turn, code=code or "", result=res, observation=obs, span=span))
+    span = b.append("tool", ids, ctx.tokenizer.decode(ids))
+    b.t.tool_calls += [dataclasses.replace(c, span=span) for c in made]

@@ -125,6 +125,7 @@ class VLLMEngine:
         return VSP(temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
                    top_k=0 if greedy or not params.top_k else params.top_k, max_tokens=max_tokens, logprobs=0,
                    stop=list(stop.strings) if stop and not session else None, include_stop_str_in_output=True,
+                   stop_token_ids=list(stop.token_ids) if stop and not session and stop.token_ids else None,
                    output_kind=RequestOutputKind.DELTA if session else RequestOutputKind.FINAL_ONLY,
                    seed=None if greedy or seed is None else derive_seed(seed, prompt_len))
 
