@@ -109,8 +109,9 @@ class SandboxConfig(_Strict):
     """Interpreter inside the sandbox; ``auto`` = /usr/bin/python3 when it has numpy+sympy."""
     tmp_mb: int = Field(default=64, ge=1)
     nproc: int = Field(default=128, ge=8)
-    url: str | None = None
-    """``backend = "sandboxfusion"``: the server, e.g. http://127.0.0.1:8080."""
+    url: str | list[str] | None = None
+    """``backend = "sandboxfusion"``: the server, e.g. http://127.0.0.1:8080, or a list of them (one per
+    node): requests go to the one with the fewest in flight; a failed or busy one is retried on another."""
     max_workers: int = Field(default=4, ge=1)
     """Concurrent calls for the subprocess and sandboxfusion backends."""
     replay_history: bool = False
@@ -207,8 +208,15 @@ class AlgoConfig(_Strict):
     clip_low: float = Field(default=0.2, ge=0)
     clip_high: float = Field(default=0.2, ge=0)
     """> clip_low = DAPO's clip-higher (0.28)."""
-    clip_ratio_c: float | None = Field(default=None, gt=1)
-    """Dual-clip PPO: cap the loss of negative-advantage tokens at -A*c (verl/DAPO use 3 or 10)."""
+    clip_ratio_c: float = Field(default=3.0, ge=0)
+    """Dual-clip PPO: cap the loss of negative-advantage tokens at -A*c; 0 = off. Default 3, verl's
+    actor default (DAPO's recipe: 10; verl ~v0.2, which ToRL forks, had no dual-clip: 0)."""
+    rollout_correction: Literal["off", "token_tis", "seq_tis", "seq_mis", "geo_mis"] = "off"
+    """Importance weights for the sampler/trainer gap (``tirl.loss.rollout_correction``): truncated
+    IS per token or per sequence, sequence masking (MIS), geometric-mean masking. Detached; the
+    update multiplies each token's loss by its weight."""
+    rollout_correction_cap: float = Field(default=2.0, gt=1)
+    """C of the rollout correction (verl's rollout_is_threshold default 2; TRL's cap default 3)."""
     adv_eps: float = Field(default=1e-6, gt=0)
     ppo_epochs: int = Field(default=1, ge=1)
     mini_batches: int = Field(default=1, ge=1)
@@ -339,6 +347,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check_budgets(self) -> "Config":
+        if self.algo.clip_ratio_c and self.algo.clip_ratio_c <= 1:
+            raise ValueError(f"algo.clip_ratio_c must be > 1 (or 0 = off), got {self.algo.clip_ratio_c}")
+        if self.algo.rollout_correction != "off" and self.algo.ratio_against == "sampler":
+            raise ValueError("algo.rollout_correction corrects toward the trainer's recomputed log-probs; with "
+                             "algo.ratio_against = \"sampler\" the ratio itself already does. Fix: use one of them")
         if self.prompt.system == "auto":
             self.prompt.system = SYSTEM_PROMPTS[self.rollout.protocol]
         if self.reward.overlong_max_tokens is None:

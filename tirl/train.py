@@ -241,8 +241,8 @@ class Trainer:
                 adv, crit = self._gae_and_critic(trajs, part, train_critic=n_part > 0)
                 upd.update(crit)
             else:
-                rewards = torch.tensor([[t.reward for t in g] for g in groups])  # [this rank's groups, G]
-                adv = ADVANTAGES[a.advantage](rewards, eps=a.adv_eps).flatten().tolist() if groups else []
+                rewards = [[t.reward for t in g] for g in groups]  # this rank's groups, each of its own size
+                adv = [x for g in ADVANTAGES[a.advantage](rewards, eps=a.adv_eps, total=dist.sum) for x in g]
             if n_part and self.state.step > (a.critic_warmup if self.critic is not None else 0):
                 upd |= policy_update(self.model, self.optimizer, [trajs[i] for i in part], [adv[i] for i in part], a,
                                     cfg.optim, temperature=temperature, pad_id=self.engine.pad_id,

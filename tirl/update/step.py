@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tirl.dist import Dist
-from tirl.loss import AGGREGATIONS, POLICY_LOSSES, Normaliser, kl_penalty
+from tirl.loss import AGGREGATIONS, POLICY_LOSSES, Normaliser, kl_penalty, rollout_correction
 from tirl.types import Trajectory
 from tirl.update.logprobs import Layout, layout_logprobs, packed_layout, padded_layout, check_packing
 
@@ -184,7 +184,8 @@ def policy_update(model, optimizer, trajs: list[Trajectory], advantages: list, a
     return stats
 
 
-_SUMS = ("loss", "clip_low", "clip_high", "clip_dual", "mismatch_abs", "mismatch_kl", "entropy", "kl", "tokens")
+_SUMS = ("loss", "clip_low", "clip_high", "clip_dual", "mismatch_abs", "mismatch_kl", "entropy", "kl", "tokens", "rc_weight",
+         "rc_cut")
 
 
 def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, temperature, pad_id, const_len,
@@ -221,7 +222,9 @@ def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, 
     return {"loss": sums["loss"], "grad_norm": grad_norm, "tokens_trained": sums["tokens"],
             "clip_frac_low": sums["clip_low"] / n, "clip_frac_high": sums["clip_high"] / n, "clip_frac_dual": sums["clip_dual"] / n,
             "logprob_mismatch": sums["mismatch_abs"] / nm, "mismatch_kl": sums["mismatch_kl"] / nm,
-            "entropy": sums["entropy"] / nm, "kl": sums["kl"] / n}
+            "entropy": sums["entropy"] / nm, "kl": sums["kl"] / n,
+            **({"rollout_corr_weight": sums["rc_weight"] / n, "rollout_corr_cut_frac": sums["rc_cut"] / n}
+               if algo.rollout_correction != "off" else {})}
 
 
 def _micro_step(model, mb: MicroBatch, algo, optim, temperature: float, norm: Normaliser, on_policy: bool,
@@ -231,8 +234,13 @@ def _micro_step(model, mb: MicroBatch, algo, optim, temperature: float, norm: No
     logp, ent = layout_logprobs(model, mb.layout, temperature, with_entropy=True, entropy_grad=algo.entropy_coef > 0,
                                 chunk=optim.logprob_chunk)
     old_lp = logp.detach() if on_policy else mb.old_logprobs
-    loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c)
     m = mb.loss_mask
+    loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c or None, mask_BT=m)
+    if algo.rollout_correction != "off":  # the trainer's old policy over the sampler's, per token (detached)
+        w, cut = rollout_correction(old_lp, mb.sampler_logprobs, m, algo.rollout_correction, algo.rollout_correction_cap)
+        loss_BT = loss_BT * w
+        sums["rc_weight"] += float((w * m).sum())
+        sums["rc_cut"] += float(cut.sum())
     kl = kl_penalty(logp, mb.ref_logprobs, algo.kl_estimator) if mb.ref_logprobs is not None else torch.zeros_like(logp)
     if algo.kl_coef > 0 and algo.kl_in == "loss":
         loss_BT = loss_BT + algo.kl_coef * kl
