@@ -11,12 +11,15 @@ stamp="$VENV/.tirl-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh |
 
 quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
-# The sandbox: bubblewrap for isolation, and the system python3 with numpy/sympy as the sandboxed
-# interpreter (it lives entirely under /usr, so nothing else of the host is mounted inside).
-# chromium + chromium-driver: the report page is tested in a headless browser.
-SYS_PKGS="bubblewrap python3-numpy python3-sympy chromium chromium-driver"
+# The sandbox: bubblewrap for isolation, and the system python3 as the sandboxed interpreter (it
+# lives entirely under /usr, so nothing else of the host is mounted inside), with the math runtime
+# model-written code imports (numpy, sympy, scipy, pandas, networkx, mpmath, gmpy2) and pytest
+# (SandboxFusion's `pytest` language). chromium + chromium-driver: the report page is tested in a headless browser.
+SYS_PKGS="bubblewrap python3-numpy python3-sympy python3-scipy python3-pandas python3-networkx python3-mpmath \
+python3-gmpy2 python3-pytest chromium chromium-driver"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-   ! { command -v bwrap >/dev/null && command -v chromedriver >/dev/null && /usr/bin/python3 -I -c "import numpy, sympy" 2>/dev/null; }; then
+   ! { command -v bwrap >/dev/null && command -v chromedriver >/dev/null && \
+       /usr/bin/python3 -I -c "import numpy, sympy, scipy, pandas, networkx, mpmath, gmpy2, pytest" 2>/dev/null; }; then
   echo "[setup] installing $SYS_PKGS (sandbox isolation and interpreter)"
   if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SYS_PKGS >/dev/null; }; then
     echo "[setup] WARNING: could not install $SYS_PKGS; the sandbox will run with fewer protections" >&2

@@ -117,7 +117,7 @@ def test_output_flood_is_capped(pool, contained):
 
 
 @needs_bwrap
-@pytest.mark.parametrize("path", ["/usr/evil.txt", "/etc/evil", "/evil", "/proc/evil", "/dev/evil", "/dev/shm/evil",
+@pytest.mark.parametrize("path", ["/usr/evil.txt", "/etc/evil", "/evil", "/proc/evil", "/dev/evil", "/dev/null/evil",
                                   "/bin/evil", "/lib/evil"])
 def test_writes_outside_tmp_fail(pool, contained, path):
     r = _run(pool, f"open({path!r}, 'w').write('x')")
@@ -148,6 +148,9 @@ _LEAVE_BEHIND = {
     "the work root renamed and replaced by a symlink": (
         "import os\nos.rename('/tmp/sbx', '/tmp/moved')\nos.symlink('/usr', '/tmp/sbx')"),
     "/tmp locked": "import os\nos.chmod('/tmp/sbx', 0)\nos.chmod('/tmp', 0o500)",
+    "a file and a semaphore in /dev/shm": (  # private and small (multiprocessing's locks live there)
+        "import os, multiprocessing\nopen('/dev/shm/leak', 'w').write('secret')\nos.mkdir('/dev/shm/d')\n"
+        "l = multiprocessing.Lock()\nos.chmod('/dev/shm/d', 0)"),
 }
 
 
@@ -158,9 +161,17 @@ def test_nothing_written_survives_into_the_next_request(pool, contained, what):
     (its private /tmp) is gone before the next one starts, whatever it did to the modes."""
     _run(pool, _LEAVE_BEHIND[what])
     for _ in pool.pids():  # sequential requests take the lanes in turn: the probe reaches the one used
-        r = _run(pool, "import os\nprint(sorted(os.listdir('/tmp')), os.listdir('.'), os.getcwd())\n"
+        r = _run(pool, "import os\nprint(sorted(os.listdir('/tmp')), os.listdir('.'), os.getcwd(), os.listdir('/dev/shm'))\n"
                        "open('probe', 'w').write('x'); print(open('probe').read())")
-        assert r.stdout.split("\n")[:2] == ["['sbx'] [] /tmp/sbx/work", "x"], r
+        assert r.stdout.split("\n")[:2] == ["['sbx'] [] /tmp/sbx/work []", "x"], r
+    assert not os.path.exists("/dev/shm/leak")  # the host's /dev/shm was never the sandbox's
+
+
+@needs_bwrap
+def test_dev_shm_is_private_and_small(pool, contained):
+    code = "f = open('/dev/shm/big', 'wb')\nfor _ in range(64):\n    f.write(b'0' * (1 << 20))\nf.close()\nprint('wrote')"
+    r = _run(pool, code)
+    assert "wrote" not in r.stdout and ("No space" in r.stderr or "OSError" in r.stderr), r
 
 
 @pytest.mark.parametrize("code", [

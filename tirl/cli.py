@@ -85,9 +85,11 @@ def _make_pool(args: argparse.Namespace):
 
 def _cmd_sandbox(args: argparse.Namespace) -> int:
     if args.action == "serve":
-        from tirl.sandbox.fusion import main_serve
+        from tirl.sandbox.server import ServerLimits, main_serve
 
-        main_serve(_make_pool(args), args.host, args.port, args.max_timeout)
+        limits = ServerLimits(max_run_timeout_s=args.max_timeout, max_queue=args.max_queue, max_wait_s=args.max_wait,
+                              **({"max_memory_mb": args.max_memory_mb} if args.max_memory_mb else {}))
+        main_serve(_make_pool(args), args.host, args.port, limits)
     elif args.action == "bench":
         from tirl.sandbox.bench import format_table, run_bench
 
@@ -233,7 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--port", type=int, default=8080)
     sb.add_argument("--lanes", type=int, default=2, help="zygotes = executions at once [2]")
     sb.add_argument("--timeout", type=float, default=5.0, help="default per-run timeout, s [5]")
-    sb.add_argument("--max-timeout", type=float, default=30.0, help="serve: cap on a request's run_timeout [30]")
+    sb.add_argument("--max-timeout", type=float, default=300.0,
+                    help="serve: the longest run_timeout accepted; longer is refused (422) [300]")
+    sb.add_argument("--max-memory-mb", type=int, default=None,
+                    help="serve: the largest memory_limit_MB accepted, and what -1 means [the machine's memory]")
+    sb.add_argument("--max-queue", type=int, default=None, help="serve: requests that may wait for a lane [8 x lanes]")
+    sb.add_argument("--max-wait", type=float, default=10.0,
+                    help="serve: longest wait for a lane before a 504 busy answer, s [10]")
     sb.add_argument("--isolation", choices=["auto", "bwrap", "process"], default="auto")
     sb.add_argument("--n", type=int, default=450, help="bench: executions through the pool [450]")
     sb.add_argument("--baseline-n", type=int, default=72, help="bench: executions through the baseline [72]")

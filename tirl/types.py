@@ -57,6 +57,7 @@ class ExecResult:
     duration_s: float = 0.0
     output_truncated: bool = False
     error: str | None = None
+    files: dict[str, bytes] = field(default_factory=dict)  # fetched after the run (SandboxFusion's fetch_files)
 
     @property
     def ok(self) -> bool:

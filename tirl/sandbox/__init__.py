@@ -39,5 +39,6 @@ def describe(sandbox: Sandbox) -> str:
     if level is not None:
         return level.describe()
     if isinstance(sandbox, SandboxFusionSandbox):
-        return f"remote SandboxFusion-compatible server {sandbox.url}"
+        n = len(sandbox.servers)
+        return f"remote SandboxFusion-compatible server{'s' if n > 1 else ''} {sandbox.url}"
     return "subprocess: rlimits + timeout only, NOT isolated from host files or network"

@@ -102,6 +102,16 @@ def resolve_python(python: str = "auto") -> str:
     return os.path.realpath(sys.executable)
 
 
+def _reference_blas() -> dict[str, str]:
+    """``LD_LIBRARY_PATH`` to Debian's reference BLAS and LAPACK, where installed. OpenBLAS (which
+    scipy's package makes the system default) reserves ~170 MB of address space per process even
+    single-threaded, all of it counted by the request's RLIMIT_AS: the sandbox's numpy and scipy use
+    the reference libraries instead (plenty for the small matrices model-written code uses)."""
+    dirs = [d for d in ("/usr/lib/x86_64-linux-gnu/blas", "/usr/lib/x86_64-linux-gnu/lapack",
+                        "/usr/lib/aarch64-linux-gnu/blas", "/usr/lib/aarch64-linux-gnu/lapack") if os.path.isdir(d)]
+    return {"LD_LIBRARY_PATH": ":".join(dirs)} if dirs else {}
+
+
 def _bwrap_args(python: str, tmp_mb: int) -> list[str]:
     args = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
             "--ro-bind", "/usr", "/usr"]
@@ -117,10 +127,13 @@ def _bwrap_args(python: str, tmp_mb: int) -> list[str]:
         for prefix in {sys.base_prefix, sys.prefix, str(Path(python).resolve().parent.parent)}:
             if not prefix.startswith("/usr"):
                 args += ["--ro-bind", prefix, prefix]
+    # /dev/shm: a small private tmpfs for POSIX semaphores (multiprocessing's locks); emptied after every request
     args += ["--dev", "/dev", "--proc", "/proc", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp",
+             "--size", str(min(tmp_mb, 16) << 20), "--tmpfs", "/dev/shm",
              "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
              "--setenv", "OPENBLAS_NUM_THREADS", "1", "--setenv", "OMP_NUM_THREADS", "1",
-             "--setenv", "MPLBACKEND", "Agg", "--hostname", "sandbox", "--chdir", "/tmp",
+             "--setenv", "MPLBACKEND", "Agg", *[a for k, v in _reference_blas().items() for a in ("--setenv", k, v)],
+             "--hostname", "sandbox", "--chdir", "/tmp",
              "--remount-ro", "/dev", "--remount-ro", "/"]  # only the size-capped /tmp is writable
     return args
 
@@ -276,7 +289,8 @@ class ZygotePool:
             self._workroot = tempfile.mkdtemp(prefix="tirl-zygote-")
             if self.uid is not None:
                 os.chown(self._workroot, self.uid, self.uid)
-            env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HOME": self._workroot, "MPLBACKEND": "Agg"})
+            env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HOME": self._workroot, "MPLBACKEND": "Agg",
+                        **_reference_blas()})
             argv, cwd = [self.python, "-I", "-c", ZYGOTE_SOURCE, self._workroot, ""], self._workroot
         lanes = [_Lane(argv, env, self.uid, cwd, MemoryCap.create(self.memory_mb)) for _ in range(n)]
         try:
@@ -315,13 +329,16 @@ class ZygotePool:
 
     # -- the Sandbox interface -------------------------------------------------------------
     def run(self, code: str, timeout: float | None = None, *, stdin: str = "", files: dict[str, bytes] | None = None,
-            memory_mb: int | None = None) -> ExecResult:
+            memory_mb: int | None = None, fetch: list[str] | None = None, max_output: int | None = None) -> ExecResult:
+        """``files`` are written to the work directory first; ``fetch`` names files to read back
+        after the run (``ExecResult.files``); ``max_output`` overrides the pool's output cap."""
         if self._closed:
             raise RuntimeError("sandbox pool is closed")
         timeout = self.timeout_s if timeout is None else timeout
-        payload = {"code": code, "timeout": timeout, "max_output": self.max_output_bytes,
+        payload = {"code": code, "timeout": timeout, "max_output": max_output or self.max_output_bytes,
                    "memory_mb": memory_mb or self.memory_mb, "nproc": self.nproc if self.uid is not None else None,
-                   "stdin": stdin, "files": {k: v.decode("latin-1") for k, v in (files or {}).items()}}
+                   "stdin": stdin, "files": {k: v.decode("latin-1") for k, v in (files or {}).items()},
+                   "fetch": list(fetch or [])}
         lane = self._free.get()
         try:
             self.stats["requests"] += 1
@@ -340,7 +357,7 @@ class ZygotePool:
             self.stats["timeouts"] += 1
         return ExecResult(stdout=resp["stdout"], stderr=resp["stderr"], returncode=resp["returncode"],
                           timed_out=resp["timed_out"], duration_s=resp["duration"], output_truncated=resp["truncated"],
-                          error=resp.get("error"))
+                          error=resp.get("error"), files={k: v.encode("latin-1") for k, v in (resp.get("files") or {}).items()})
 
     def _restart(self, lane: _Lane) -> None:
         lane.kill()

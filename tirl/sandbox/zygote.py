@@ -426,6 +426,7 @@ class _Run:
             "stderr": self.bufs[self.err_r].decode("utf-8", "replace"),
             "returncode": None if self.timed_out else returncode, "timed_out": self.timed_out,
             "truncated": self.truncated, "duration": time.monotonic() - self.t0, "error": None,
+            "files": _fetch(os.path.join(self.workroot, "work"), self.req.get("fetch") or [], self.max_out),
         }
 
     def finish(self):
@@ -451,6 +452,25 @@ def _quietly(action):
         pass
 
 
+def _fetch(workdir, names, limit):
+    """``{name: latin-1 text of its bytes}`` for the regular files among ``names`` (relative to the
+    work directory, inside it, at most ``limit`` bytes each and in all); others are left out."""
+    out, left = {}, limit
+    for name in names:
+        path = os.path.normpath(os.path.join(workdir, str(name)))
+        if not path.startswith(workdir + os.sep) or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read(left + 1)
+        except OSError:
+            continue
+        if len(data) > left:
+            break
+        out[name], left = data.decode("latin-1"), left - len(data)
+    return out
+
+
 def serve_one(req, workroot, seccomp):
     """Run one request; returns (response, finish) — call ``finish`` after sending the response."""
     run = _Run(req, workroot, seccomp)
@@ -471,6 +491,12 @@ def _clean(workroot, scratch=""):
         _quietly(lambda: os.chmod(workroot, 0o700))
         for name in os.listdir(workroot):
             _remove(os.path.join(workroot, name), workroot)
+    if scratch and os.path.isdir(SHM):  # bubblewrap's private /dev/shm (semaphores of multiprocessing)
+        for name in os.listdir(SHM):
+            _remove(os.path.join(SHM, name), SHM)
+
+
+SHM = "/dev/shm"
 
 
 _removed = itertools.count()
