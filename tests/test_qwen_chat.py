@@ -228,3 +228,22 @@ def test_tirl_train_step_with_the_chat_protocol_on_a_qwen2_shaped_model(tmp_path
         prompt = t["segments"][0]["text"]
         assert "# Tools" in prompt and "code_interpreter" in prompt and prompt.endswith("<|im_start|>assistant\n")
         assert t["token_ids"][: t["prompt_len"]] == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("proto", [TORL, RETOOL], ids=["torl", "retool"])
+def test_torl_and_retool_protocols_with_the_qwen_tokenizer(qwen, sandbox, proto):
+    """The text protocols with Qwen2.5's tokenizer: the trajectory is prompt + model text + the
+    protocol's output block, the inserted ids are that block's tokenization, masks exact. (The
+    whole sequence is not the joint tokenization: the model's closing ```` ``` ```` and the
+    inserted newline would merge into one token there; token-in-token-out keeps what was sampled.)"""
+    call = "```python\nprint(6 * 7)\n```" if proto is TORL else "<code>\n```python\nprint(6 * 7)\n```\n</code>"
+    (t,), _ = _run(qwen, [["Compute it.\n" + call, "So \\boxed{42}.<|im_end|>"]], protocol=proto, sandbox=sandbox,
+                   limits=RolloutLimits(max_tool_calls=1))
+    block = "\n```output\n42\n```\n" if proto is TORL else "\n<interpreter>\n42\n</interpreter>\n\n"
+    want = t.segments[0].text + "Compute it.\n" + call + block + "So \\boxed{42}.<|im_end|>"
+    assert [s.kind for s in t.segments] == ["prompt", "model", "tool", "model"] and t.tool_calls[0].observation == "42"
+    assert qwen.decode(t.token_ids) == want
+    tool = t.segments[2]
+    assert t.token_ids[tool.start:tool.end] == qwen(block, add_special_tokens=False)["input_ids"] and tool.text == block
+    assert t.mask == [0] * t.prompt_len + [1] * (tool.start - t.prompt_len) + [0] * (tool.end - tool.start) + \
+        [1] * (len(t.token_ids) - tool.end)

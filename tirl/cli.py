@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve: the longest run_timeout accepted; longer is refused (422) [300]")
     sb.add_argument("--max-memory-mb", type=int, default=None,
                     help="serve: the largest memory_limit_MB accepted, and what -1 means [the machine's memory]")
-    sb.add_argument("--max-queue", type=int, default=None, help="serve: requests that may wait for a lane [8 x lanes]")
+    sb.add_argument("--max-queue", type=int, default=None, help="serve: requests that may wait for a lane [64 x lanes]")
     sb.add_argument("--max-wait", type=float, default=10.0,
                     help="serve: longest wait for a lane before a 504 busy answer, s [10]")
     sb.add_argument("--isolation", choices=["auto", "bwrap", "process"], default="auto")

@@ -52,7 +52,7 @@ class ServerLimits:
     max_memory_mb: int = field(default_factory=machine_memory_mb)
     """The cap of every request, and what ``memory_limit_MB = -1`` (no limit) means here."""
     max_queue: int | None = None
-    """Requests that may wait for a lane (default 8 x lanes)."""
+    """Requests that may wait for a lane (default 64 x lanes: the wait, not the count, is the usual limit)."""
     max_wait_s: float = 10.0
     """Longest wait for a lane (verl's client allows run + compile + 10 s per request)."""
     stream_limit: int = STREAM_LIMIT
@@ -173,7 +173,7 @@ def create_app(pool: ZygotePool, limits: ServerLimits | None = None):
 
     def admission() -> Admission:
         if "admission" not in state:  # made on the server's event loop
-            state["admission"] = Admission(lanes, limits.max_queue or 8 * lanes, limits.max_wait_s)
+            state["admission"] = Admission(lanes, limits.max_queue or 64 * lanes, limits.max_wait_s)
         return state["admission"]
 
     @app.exception_handler(BadRequest)
