@@ -51,21 +51,21 @@ def test_vllm_rollout_matches_hf_greedy(engines, mode):
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-3
 
 
-@pytest.mark.parametrize("mode", ["async", "lockstep"])
-def test_chat_tool_calls_with_vllm_match_hf(engines, mode):
-    """The chat protocol on vLLM: the model ends its tool-call turn on <|im_end|> (its EOS, sampled),
-    the call runs, and the trajectory goes on after that EOS (a session resumed past a finished
-    request). Same ids and masks as the HF engine, greedy; the prompts get the model to copy a call."""
+def test_chat_tool_calls_with_vllm_match_hf(engines):
+    """The chat protocol on vLLM (async, sessions): the model ends its tool-call turn on <|im_end|>
+    (its EOS, sampled), the call runs, and the trajectory goes on after that EOS (a session resumed
+    past a finished request). Same ids and masks as the HF engine, greedy; the prompts get the model
+    to copy a call (the second copies it wrong: a malformed call fed back)."""
     from tirl.rollout.protocol import chat_protocol
     from tirl.types import Problem
 
     v, h, model, tok = engines
     call = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
-    probs = [Problem(id=str(i), problem=f"Repeat this text exactly, nothing else:\n{call}", answer="42") for i in range(3)]
+    probs = [Problem(id=str(i), problem=f"Repeat this text exactly, nothing else:\n{call}", answer="42") for i in range(2)]
     items = [(p, i, render_prompt(p, tok, "chat", "{problem}", "You repeat text exactly." + " " * i)) for i, p in enumerate(probs)]
     proto, limits = chat_protocol(tok), RolloutLimits(2, 64, 256)
     with ZygotePool(lanes=2) as sb:
-        a, _ = rollout(v, tok, sb, items, SamplingParams(temperature=0.0), limits, proto, mode)
+        a, _ = rollout(v, tok, sb, items, SamplingParams(temperature=0.0), limits, proto, "async")
         b, _ = rollout(h, tok, sb, items, SamplingParams(temperature=0.0), limits, proto, "lockstep")
     ran = [c for t in a for c in t.tool_calls if c.observation == "42"]
     assert ran and all(t.token_ids[c.span[0] - 1] == tok.eos_token_id for t in a for c in t.tool_calls)
@@ -173,6 +173,7 @@ def _trainer_logprobs(model, ids, n: int):
     return token_logprobs(model, ids, torch.ones_like(ids))[0, n:]
 
 
+@pytest.mark.slow  # ~2.6 min: a second vLLM, in its own process (make test-all)
 def test_trainer_keeps_a_vllm_engine_in_another_process_in_sync(tmp_path):
     """The trainer with vLLM's multiprocess engine core (weights cross the process boundary as a
     checkpoint path) and async rollouts: after each update the sampler's log-probs are the trainer's."""
@@ -195,6 +196,7 @@ def test_trainer_keeps_a_vllm_engine_in_another_process_in_sync(tmp_path):
         t.verifier.close()
 
 
+@pytest.mark.slow  # ~2.5 min: a second in-process vLLM engine (make test-all)
 def test_a_bfloat16_engine_follows_a_float32_trainer(engines):
     """``rollout.vllm_dtype = "bfloat16"`` under a float32 trainer: the engine runs in bfloat16 and
     every sync casts the trainer's new weights (in memory, then by path): its log-probs follow the
