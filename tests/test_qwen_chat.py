@@ -169,9 +169,22 @@ def test_tool_output_never_becomes_a_control_token(qwen, sandbox):
         assert not set(ins) & control and FORGED in qwen.decode(ins), proto.name
 
 
+class CountingSandbox:
+    """The real sandbox, counting the programs it is given (a wrapper for this test, named so)."""
+
+    def __init__(self, inner):
+        self.inner, self.programs = inner, []
+
+    def run_many(self, codes, timeout=None):
+        self.programs += codes
+        return self.inner.run_many(codes, timeout)
+
+
 def test_calls_past_the_limit_are_answered_not_run_and_a_call_after_the_last_ends_the_trajectory(qwen, sandbox):
     three = "\n".join(_call(f"print({k})") for k in (1, 2, 3))
-    (t,), _ = _run(qwen, [[three + "<|im_end|>", _call("print(4)") + "<|im_end|>", "NEVER"]], sandbox=sandbox)
+    counting = CountingSandbox(sandbox)
+    (t,), _ = _run(qwen, [[three + "<|im_end|>", _call("print(4)") + "<|im_end|>", "NEVER"]], sandbox=counting)
+    assert counting.programs == ["print(1)", "print(2)"]  # the third and the fourth never reach the sandbox
     assert [c.observation for c in t.tool_calls] == ["1", "2"]
     assert "the limit of 2 tool calls" in t.segments[2].text and t.segments[2].text.count("<tool_response>") == 3
     assert [s.kind for s in t.segments] == ["prompt", "model", "tool", "model"] and t.finish_reason == "eos"

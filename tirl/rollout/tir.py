@@ -269,9 +269,9 @@ def _budget(b: _Builder, limits: RolloutLimits) -> int:
 
 def _take(b: _Builder, g, ctx: _Ctx) -> tuple[str, list] | None:
     """Append one generation (mask 1). Returns ``(turn text, calls)`` when the turn asks for tools
-    and calls are left (``calls``: at most that many, each code, None — nothing to run — or a
-    :class:`MalformedToolCall`, fed back as the tool's output); None when the trajectory is
-    finished (EOS, out of budget, or calls made after the last allowed one, which never run)."""
+    and calls are left (``calls``: each code, None — nothing to run — a :class:`MalformedToolCall`,
+    fed back as the tool's output, or :data:`OVER_LIMIT` past the trajectory's limit); None when the
+    trajectory is finished (EOS, out of budget, or calls made after the last allowed one, never run)."""
     text = ctx.tokenizer.decode(g.token_ids)
     b.append("model", g.token_ids, text, g.logprobs)
     b.t.finish_reason = g.finish_reason
@@ -283,7 +283,7 @@ def _take(b: _Builder, g, ctx: _Ctx) -> tuple[str, list] | None:
         b.done = True
         return None
     b.t.finish_reason = "tool"
-    return text, calls
+    return text, calls[:left] + [OVER_LIMIT] * (len(calls) - left)  # those past the limit are answered, not run
 
 
 def _program(b: _Builder, code: str, limits: RolloutLimits) -> str:
@@ -296,17 +296,17 @@ def _program(b: _Builder, code: str, limits: RolloutLimits) -> str:
 
 
 LIMIT_REACHED = "Error: the limit of {n} tool calls per trajectory is reached; this call was not run"
+OVER_LIMIT = object()  # a call of the turn past the trajectory's limit: answered with LIMIT_REACHED
 
 
 def _insert(b: _Builder, text: str, calls: list, results: list[ExecResult | None], turn: int, ctx: _Ctx) -> None:
     """Append the tools' responses to one turn (mask 0), or end the trajectory when they do not
     fit. Calls past the trajectory's limit are answered with :data:`LIMIT_REACHED`, not run."""
     limits = ctx.limits
-    left = _calls_left(b, limits)
     made: list[ToolCall] = []
     observations = []
     for code, res in zip(calls, results):
-        if len(made) >= left:
+        if code is OVER_LIMIT:
             observations.append(LIMIT_REACHED.format(n=limits.max_tool_calls))
             continue
         if isinstance(code, MalformedToolCall):

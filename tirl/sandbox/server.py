@@ -116,7 +116,8 @@ def _check(req: RunCodeRequest, limits: ServerLimits) -> tuple[int | None, dict[
         except (binascii.Error, ValueError) as e:
             raise BadRequest(f"files.{path}", f"the content of {path!r} is not base64 ({e})") from None
     for path in req.fetch_files:
-        if posixpath.isabs(path) or posixpath.normpath(path).startswith(".."):
+        norm = posixpath.normpath(path)
+        if posixpath.isabs(path) or norm == ".." or norm.startswith("../"):
             raise BadRequest("fetch_files", f"fetch_files path {path!r} is outside the request's work directory")
     memory = limits.max_memory_mb if req.memory_limit_MB == -1 else req.memory_limit_MB
     return memory, files
