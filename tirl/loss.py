@@ -60,21 +60,12 @@ def ppo_clip(
     ``clip_ratio_c`` (dual-clip PPO, Ye et al. 2020): for A < 0 the loss is also capped at
     ``-A c``, so one token with a huge ratio cannot dominate. ``adv`` is ``[B]`` or ``[B, T]``."""
     ratio = torch.exp(logp_BT - old_logp_BT)
-    a = (adv[:, None] if adv.dim() == 1 else adv).to(ratio.dtype)
-    unclipped = -a * ratio
-    clipped = -a * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(unclipped, clipped)
-    dual = torch.zeros_like(loss, dtype=torch.bool)
+    a = _adv(adv, ratio)
+    loss, stats = _clipped_surrogate(ratio, a, clip_low, clip_high)
     if clip_ratio_c is not None:
         capped = torch.minimum(loss, -a * clip_ratio_c)
-        dual = (a < 0) & (capped < loss)
+        stats["clip_dual"] = ((a < 0) & (capped < loss)).float()
         loss = torch.where(a < 0, capped, loss)
-    stats = {
-        "clip_low": ((ratio < 1.0 - clip_low) & (a < 0)).float(),
-        "clip_high": ((ratio > 1.0 + clip_high) & (a > 0)).float(),
-        "clip_dual": dual.float(),
-        "ratio": ratio.detach(),
-    }
     return loss, stats
 
 
