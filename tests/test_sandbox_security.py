@@ -62,8 +62,12 @@ def contained(pool):
     processes right after answering it), no zygote was replaced, and the sandbox still works."""
     before_pids, before_stats = pool.baseline, dict(pool.stats)
     yield
-    deadline = time.monotonic() + 3
-    while _sandbox_procs(pool) != before_pids and time.monotonic() < deadline:
+    # The zygote answers first and reaps right after, so wait for the tree to settle. One scan of
+    # /proc is not atomic: a grandchild whose parent exits during the scan can look unconnected,
+    # so the tree counts as settled only when three scans 50 ms apart agree with the baseline.
+    deadline, agreeing = time.monotonic() + 5, 0
+    while agreeing < 3 and time.monotonic() < deadline:
+        agreeing = agreeing + 1 if _sandbox_procs(pool) == before_pids else 0
         time.sleep(0.05)
     now = _sandbox_procs(pool)
     assert now == before_pids, f"processes left behind or zygotes replaced: {_describe(now ^ before_pids)}"
