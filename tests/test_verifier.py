@@ -125,3 +125,31 @@ def test_cli_verify_ignores_what_tools_printed(tmp_path):
     assert main(["verify", str(src), "--out", str(tmp_path / "kept.jsonl"), "--keep-tool-output"]) == 0
     kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
     assert [o["extracted"] for o in kept][:2] == ["42", "7"]  # the old behaviour, on request
+
+
+MINERVA = [  # (gold, answer, with Minerva's 1% rule, exact)
+    ("4.5e33", "4.46 \\times 10^{33}", True, True),   # 0.9% off; also rounds to the gold's 2 figures
+    ("4.5e33", "4.55e33", False, False),                # 1.1% off
+    ("3e8", "3.1 \\times 10^{8}", False, True),         # 3.3% off, though 1 stated figure would round to it
+    ("1.24e-8", "1.25 \\times 10^{-8}", True, False),   # 0.8% off: Minerva accepts another third figure
+    ("1.6", "1.59", True, False),                       # a decimal gold within 1%
+    ("1.6", "1.5708", False, False),                    # 1.8% off
+    ("42", "42.3", True, False),                        # an integer gold is a digits number too
+    ("-2.5", "-2.51", True, False),                     # negative values: 1% of the mean's size
+    ("0", "0.001", False, False),                       # zero: only zero
+    ("2.5", "\\sqrt{6.3}", True, False),                # a symbolic answer, evaluated exactly (0.4% off)
+    ("-1./3", "-0.333", False, False),                  # a fraction gold is not written in digits: exact
+    ("1.5", "x", False, False),
+]
+
+
+@pytest.mark.parametrize("gold,answer,minerva,exact", MINERVA)
+def test_minerva_tolerance(verifier, gold, answer, minerva, exact):
+    """Minerva's grader: a gold written in digits matches within 1% of the mean; elsewhere exact."""
+    from tirl.reward.verify import rel_tol_for
+
+    assert rel_tol_for("minerva_math") == 0.01 and rel_tol_for("math500") is None
+    assert verifier.verify(gold, answer, rel_tol=rel_tol_for("minerva_math")).correct is minerva
+    assert verifier.verify(gold, answer, fast=False, rel_tol=0.01).correct is minerva  # the worker's tiers agree
+    assert verifier.verify(gold, answer).correct is exact
+    assert verifier.verify_batch([(gold, answer)], rel_tol=[0.01])[0].correct is minerva

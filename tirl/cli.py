@@ -112,7 +112,8 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from tirl.reward.audit import audit_file
 
-    audit_file(args.file, args.out, args.workers, args.timeout, keep_tool_output=args.keep_tool_output)
+    audit_file(args.file, args.out, args.workers, args.timeout, keep_tool_output=args.keep_tool_output,
+               benchmark=args.benchmark)
     return 0
 
 
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--timeout", type=float, default=5.0, help="hard limit per answer, s [5]")
     v.add_argument("--keep-tool-output", action="store_true",
                    help="grade the response as it is (default: tool outputs are removed first, as in training)")
+    v.add_argument("--benchmark", default=None,
+                   help="grade every row by this benchmark's numeric rule (minerva_math: within 1%%; "
+                        "default: each row's data_source, else exact)")
     v.set_defaults(fn=_cmd_verify)
     sf = sub.add_parser("sft", help="cold-start SFT on code-integrated traces (interpreter output masked)")
     sf.add_argument("--config", default="demo")

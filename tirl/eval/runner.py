@@ -170,7 +170,7 @@ def evaluate(model, tok, cfg: Config, sandbox: Sandbox, verifier: Verifier, out_
         items = [(p, i, prompts[i]) for i, p in enumerate(problems) for _ in range(e.n)]
         trajs, _ = rollout(engine, tok, sandbox, items, params, limits, get_protocol(r.protocol, tok),
                            resolve_mode(r.mode, engine), seed=derive_seed(e.seed, bench))
-        score(trajs, cfg.reward, verifier)
+        score(trajs, cfg.reward, verifier, benchmark=bench)  # Minerva: its grader's 1% tolerance
         per_problem = []
         for i in range(len(problems)):
             group = trajs[i * e.n : (i + 1) * e.n]

@@ -3,7 +3,8 @@
 ``reward.terms = {name = weight, ...}``; a term with weight 0 is still computed and logged (a
 metric). Before the terms run, :func:`score` extracts every trajectory's final answer from the
 text the *policy* wrote, outside its code blocks (tool outputs and programs never count), and
-checks them all against the references in one batch (``reward_info["correct"]``).
+checks them all against the references in one batch (``reward_info["correct"]``), numbers
+within the tolerance of the problem's benchmark where its grader has one (Minerva: 1%).
 
 Terms:
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from tirl.reward.extract import extract_answer, last_boxed
-from tirl.reward.verify import Verdict, Verifier, default_verifier, is_equivalent
+from tirl.reward.verify import Verdict, Verifier, default_verifier, is_equivalent, rel_tol_for
 from tirl.rollout.protocol import has_code, strip_code
 from tirl.types import TirlError, Trajectory
 
@@ -83,12 +84,15 @@ def policy_answer(traj: Trajectory) -> str | None:
     return extract_answer(strip_code(traj.policy_text))
 
 
-def score(trajectories: list[Trajectory], cfg: Any, verifier: Verifier | None = None) -> None:
-    """Fill ``reward`` and ``reward_info`` (extracted, correct, how, terms) in place."""
+def score(trajectories: list[Trajectory], cfg: Any, verifier: Verifier | None = None,
+          benchmark: str | None = None) -> None:
+    """Fill ``reward`` and ``reward_info`` (extracted, correct, how, terms) in place. Numbers are
+    compared by the rule of ``benchmark``, or else of each problem's source (:func:`rel_tol_for`)."""
     check_terms(cfg.terms)
     verifier = verifier or default_verifier()
     answers = [policy_answer(t) for t in trajectories]
-    verdicts = verifier.verify_batch([(t.problem.answer, a) for t, a in zip(trajectories, answers)])
+    verdicts = verifier.verify_batch([(t.problem.answer, a) for t, a in zip(trajectories, answers)],
+                                     rel_tol=[rel_tol_for(benchmark or t.problem.source) for t in trajectories])
     for t, a, v in zip(trajectories, answers, verdicts):
         t.reward_info = {"extracted": a, "correct": v.correct, "how": v.how}
         terms = {name: float(REWARD_TERMS[name](t, cfg)) for name in cfg.terms}

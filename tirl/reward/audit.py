@@ -4,7 +4,11 @@ row back with ``"extracted"``, ``"correct"`` and ``"how"``, so anyone can audit 
 A response is graded as training grades the policy's text: tool outputs (ToRL's ```output blocks,
 ReTool's <interpreter> spans, chat tool messages) and programs are removed before the final
 answer is extracted, so a ``\\boxed{}`` printed by a program never counts. ``keep_tool_output``
-(``--keep-tool-output``) grades the text as it is, for plain answers that are not transcripts."""
+(``--keep-tool-output``) grades the text as it is, for plain answers that are not transcripts.
+
+Numbers are compared as the row's benchmark compares them: a row's ``data_source`` (or
+``source``) field, or ``benchmark`` (``--benchmark``) for every row, picks the tolerance
+(:func:`tirl.reward.verify.rel_tol_for`: ``minerva_math`` 1%, every other benchmark exact)."""
 
 from __future__ import annotations
 
@@ -13,13 +17,13 @@ import sys
 from pathlib import Path
 
 from tirl.reward.extract import extract_answer
-from tirl.reward.verify import Verifier
+from tirl.reward.verify import Verifier, rel_tol_for
 from tirl.rollout.protocol import strip_code, strip_tool_output
 from tirl.types import TirlError
 
 
 def audit_file(path: str, out: str | None = None, workers: int = 2, timeout_s: float = 5.0,
-               keep_tool_output: bool = False) -> dict[str, float]:
+               keep_tool_output: bool = False, benchmark: str | None = None) -> dict[str, float]:
     rows = []
     with Path(path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -35,7 +39,8 @@ def audit_file(path: str, out: str | None = None, workers: int = 2, timeout_s: f
     with Verifier(workers, timeout_s) as v:
         texts = [str(r["response"]) if keep_tool_output else strip_tool_output(str(r["response"])) for r in rows]
         answers = [extract_answer(strip_code(t)) for t in texts]
-        verdicts = v.verify_batch([(str(r["gold"]), a) for r, a in zip(rows, answers)])
+        tols = [rel_tol_for(benchmark or str(r.get("data_source") or r.get("source") or "")) for r in rows]
+        verdicts = v.verify_batch([(str(r["gold"]), a) for r, a in zip(rows, answers)], rel_tol=tols)
     sink = open(out, "w", encoding="utf-8") if out else sys.stdout
     try:
         for r, a, vd in zip(rows, answers, verdicts):

@@ -39,7 +39,7 @@ _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 _FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
 _FRAC_SHORT = re.compile(r"^(-?)\\[dt]?frac(\d)(\d)$")
 _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
-_RATIO = re.compile(r"^([+-]?\d+)/([+-]?\d+)$")
+_RATIO = re.compile(r"^([+-]?\d+)\.?/([+-]?\d+)\.?$")  # 3/4; Minerva's Python-style golds: -3./2
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
 _REPEATING = re.compile(r"^([+-]?)(\d*)\.(\d*)\\overline\{?(\d+)\}?$")  # 0.1\overline{6} = 1/6
 # scientific notation, after normalise(): 4.5e33, 1.24E-8, 3\times10^{8}, 3\cdot10^8, 3*10^8, 3x10^{-8}
@@ -170,8 +170,15 @@ def plain_number(s: str) -> Fraction | None:
 _OPTION = re.compile(r"^\(?([A-E])\)?$")
 _OPTION_ANSWER = re.compile(r"^(?:\\text(?:bf)?\{)?\(([A-E])\)\}?(?:[^A-Za-z].*)?$")
 _NAMED = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?=(?!=)(.+)$")
-_INEQ = re.compile(r"^(?:(?P<lo>[^<>=]+?)(?P<lop><|\\le|\\leq)(?P<v1>[A-Za-z])(?P<hop><|\\le|\\leq)(?P<hi>[^<>=]+)"
-                   r"|(?P<v2>[A-Za-z])(?P<op>>|<|\\ge|\\geq|\\le|\\leq)(?P<num>[^<>=]+))$")
+_INEQ = re.compile(r"^(?:(?P<lo>[^<>=]+?)(?P<lop><|\\leq|\\le)(?P<v1>[A-Za-z])(?P<hop><|\\leq|\\le)(?P<hi>[^<>=]+)"
+                   r"|(?P<v2>[A-Za-z])(?P<op>>|<|\\geq|\\ge|\\leq|\\le)(?P<num>[^<>=]+)"
+                   r"|(?P<num2>[^<>=]+?)(?P<op2>>|<|\\geq|\\ge|\\leq|\\le)(?P<v3>[A-Za-z]))$")
+_FLIP = {">": "<", "<": ">", "\\geq": "\\leq", "\\ge": "\\le", "\\leq": "\\geq", "\\le": "\\ge"}
+# a percentage, after normalise(): 20\%, 20%, 20percent, 20percent (per cent), 20\text{percent}
+_PERCENT = re.compile(r"^(.+?)(?:\\%|%|\\(?:text|mbox|mathrm)\{(?:\\%|%|percent)\}|percent)$")
+# a list of named items (E_1, E_2; A, C; (A), (C)), after normalise()
+_NAME = r"(?:\(?[A-Za-z]\)?(?:_\{?[A-Za-z0-9]+\}?)?)"
+_NAMES = re.compile(rf"^{_NAME}(?:(?:,|;|and|,and){_NAME})*$")
 
 
 def equivalent_form(gold: str, answer: str) -> str:
@@ -194,7 +201,7 @@ def equivalent_form(gold: str, answer: str) -> str:
         if m and m.group("v1"):
             return f"{'(' if m.group('lop') == '<' else '['}{m.group('lo')},{m.group('hi')}{')' if m.group('hop') == '<' else ']'}"
         if m:
-            op, num = m.group("op"), m.group("num")
+            op, num = (m.group("op"), m.group("num")) if m.group("v2") else (_FLIP[m.group("op2")], m.group("num2"))
             closed = op in ("\\ge", "\\geq", "\\le", "\\leq")
             if op in (">", "\\ge", "\\geq"):
                 return f"{'[' if closed else '('}{num},\\infty)"
@@ -203,13 +210,80 @@ def equivalent_form(gold: str, answer: str) -> str:
     return m.group(1) if m else answer
 
 
-def fast_verdict(gold: str, answer: str) -> bool | None:
-    """True/False when tier 1 can decide, None when the pool must."""
+def percent_verdict(gold: str, answer: str) -> bool | None:
+    """**percentage**: a gold ``p\\%`` (a plain number p) is matched by p with any percent spelling
+    (``\\%``, ``%``, ``percent``, ``per cent``, ``\\text{ percent}``), by p alone (MATH's graders drop
+    the sign) and by p/100; None when the gold is not a percentage or the answer not a number."""
+    gp = _PERCENT.match(normalise(gold))
+    g = plain_number(gp.group(1)) if gp else None
+    if g is None:
+        return None
+    ap = _PERCENT.match(normalise(answer))
+    if ap:
+        a = plain_number(ap.group(1))
+        return None if a is None else a == g
+    a = plain_number(answer)
+    return None if a is None else a in (g, g / 100)
+
+
+def _names(s: str) -> list[str] | None:
+    s = normalise(s)
+    s = _TEXT.fullmatch(s).group(1).replace(" ", "") if _TEXT.fullmatch(s) else s  # \text{(A), (C)}
+    s = re.sub(r"^\\\{(.*)\\\}$", r"\1", s)  # \{E_1, E_2\}: a set of names is the same list
+    s = _TEXT.sub(lambda m: m.group(1) if m.group(1).strip() == "and" else m.group(0), s)
+    if not _NAMES.match(s):
+        return None
+    items = re.findall(_NAME, s.replace("and", ","))
+    return sorted(re.sub(r"[(){}]", "", x) for x in items)
+
+
+def names_verdict(gold: str, answer: str) -> bool | None:
+    """**named list**: a gold that lists two or more named items (``E_1, E_2``; ``A, C``; ``(A), (C)``)
+    is matched by the same names in any order, separated by commas, ``;`` or "and", optionally as
+    a set; None when the gold is no such list."""
+    g = _names(gold)
+    if g is None or len(g) < 2:
+        return None
+    a = _names(answer)
+    return a == g if a is not None else None
+
+
+def digits_number(s: str) -> Fraction | None:
+    """The value of a number written in digits (an integer, a decimal, scientific notation): what
+    Minerva's grader can ``float()``; None for fractions and anything else."""
+    sci = scientific(s)
+    if sci is not None:
+        return sci[0]
+    t = _strip_parens(_strip_units(normalise(s)))
+    if _THOUSANDS.match(t):
+        t = t.replace(",", "")
+    return Fraction(t) if _NUM.match(t) else None
+
+
+def within(gold: Fraction, answer: Fraction, rel_tol: float) -> bool:
+    """Minerva's numeric rule: equal, or apart by less than ``rel_tol`` of the two values' mean."""
+    return answer == gold or abs(answer - gold) < Fraction(rel_tol) * abs(answer + gold) / 2
+
+
+def _rule_verdict(gold: str, answer: str) -> bool | None:
+    """The named rules that decide a pair outright (percentage, named list), else None."""
+    v = percent_verdict(gold, answer)
+    return v if v is not None else names_verdict(gold, answer)
+
+
+def fast_verdict(gold: str, answer: str, rel_tol: float | None = None) -> bool | None:
+    """True/False when tier 1 can decide, None when the pool must. ``rel_tol``: the benchmark's
+    relative tolerance for a gold written in digits (:data:`BENCHMARK_REL_TOL`), else exact."""
     answer = equivalent_form(gold, answer)
     if normalise(gold) == normalise(answer):
         return True
+    ruled = _rule_verdict(gold, answer)
+    if ruled is not None:
+        return ruled
     g, a = plain_number(gold), plain_number(answer)
     if g is not None and a is not None:
+        if rel_tol is not None and digits_number(gold) is not None:
+            return within(g, a, rel_tol)
         sci = scientific(gold)
         return sig_figs_match(sci, a, _figures(answer)) if sci is not None else g == a
     return None
@@ -230,22 +304,34 @@ def _numeric(x):
     return isinstance(x, sympy.Expr) and not x.free_symbols and x.is_number
 
 
-def slow_verdict(gold: str, answer: str) -> bool:
+def _exact_value(expr) -> Fraction:
+    """A numeric sympy expression as an exact fraction (irrationals to 60 digits)."""
+    import sympy
+
+    value = _exactify(expr)
+    exact = value if value.is_Rational else sympy.Rational(str(sympy.N(value, 60)))
+    return Fraction(int(exact.p), int(exact.q))
+
+
+def slow_verdict(gold: str, answer: str, rel_tol: float | None = None) -> bool:
     """Tiers 2-3. Runs in a worker; may be slow on pathological input (the pool bounds it)."""
     answer = equivalent_form(gold, answer)
-    import sympy
+    ruled = _rule_verdict(gold, answer)
+    if ruled is not None:
+        return ruled
     from math_verify import parse, verify
 
     sci = scientific(gold)
-    if sci is not None and plain_number(answer) is not None:
-        return sig_figs_match(sci, plain_number(answer), _figures(answer))
+    tol_gold = digits_number(gold) if rel_tol is not None else None
+
+    def number_matches(value: Fraction) -> bool:  # the gold is a number with a stated precision or tolerance
+        return within(tol_gold, value, rel_tol) if tol_gold is not None else sig_figs_match(sci, value, _figures(answer))
+
+    if (sci is not None or tol_gold is not None) and plain_number(answer) is not None:
+        return number_matches(plain_number(answer))
     a = parse(f"${unwrap_braces(answer)}$", parsing_timeout=None)
-    if sci is not None:  # math-verify would read the e of 3e8 as Euler's number
-        if not a or not _numeric(a[0]):
-            return False
-        value = _exactify(a[0])
-        exact = value if value.is_Rational else sympy.Rational(str(sympy.N(value, 60)))
-        return sig_figs_match(sci, Fraction(int(exact.p), int(exact.q)), _figures(answer))
+    if sci is not None or tol_gold is not None:  # math-verify would read the e of 3e8 as Euler's number
+        return bool(a) and _numeric(a[0]) and number_matches(_exact_value(a[0]))
     g = parse(f"${unwrap_braces(gold)}$", parsing_timeout=None)
     if not g or not a:
         return False
@@ -318,10 +404,10 @@ class _Worker:
         line = self.proc.stdout.readline()
         return line.strip() if line else None
 
-    def ask(self, gold: str, answer: str, timeout: float) -> Verdict:
+    def ask(self, gold: str, answer: str, timeout: float, rel_tol: float | None = None) -> Verdict:
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(json.dumps([gold, answer]) + "\n")
+            self.proc.stdin.write(json.dumps([gold, answer, rel_tol]) + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             self.restart()
@@ -373,31 +459,37 @@ class Verifier:
                 self._workers = q
             return self._workers
 
-    def verify(self, gold: str, answer: str | None, fast: bool = True) -> Verdict:
-        """``fast=False`` skips tier 1 (the self-check uses it to exercise the parser on every gold)."""
+    def verify(self, gold: str, answer: str | None, fast: bool = True, rel_tol: float | None = None) -> Verdict:
+        """``fast=False`` skips tier 1 (the self-check uses it to exercise the parser on every gold).
+        ``rel_tol``: the benchmark's numeric tolerance (:func:`rel_tol_for`); None = exact."""
         if answer is None:
             return Verdict(False, "no answer")
-        quick = fast_verdict(gold, answer) if fast else None
+        quick = fast_verdict(gold, answer, rel_tol) if fast else None
         if quick is not None:
             self.stats["fast"] += 1
             return Verdict(quick, "fast")
         pool = self._pool()
         worker = pool.get()
         try:
-            v = worker.ask(gold, answer, self.timeout_s)
+            v = worker.ask(gold, answer, self.timeout_s, rel_tol)
         finally:
             pool.put(worker)
         self.stats["slow" if v.how == "slow" else "timeouts" if v.how == "timeout" else "errors"] += 1
         return v
 
-    def verify_batch(self, pairs: list[tuple[str, str | None]], fast: bool = True) -> list[Verdict]:
+    def verify_batch(self, pairs: list[tuple[str, str | None]], fast: bool = True,
+                     rel_tol: float | None | list[float | None] = None) -> list[Verdict]:
+        """``rel_tol``: one tolerance for all pairs or one per pair (None = exact)."""
+        tols = rel_tol if isinstance(rel_tol, list) else [rel_tol] * len(pairs)
+        if len(tols) != len(pairs):
+            raise ValueError(f"verify_batch: {len(pairs)} pairs but {len(tols)} tolerances")
         out: list[Verdict | None] = [None] * len(pairs)
         slow = []
         for i, (g, a) in enumerate(pairs):
             if a is None:
                 out[i] = Verdict(False, "no answer")
                 continue
-            quick = fast_verdict(g, a) if fast else None
+            quick = fast_verdict(g, a, tols[i]) if fast else None
             if quick is None:
                 slow.append(i)
             else:
@@ -407,12 +499,13 @@ class Verifier:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=self.n_workers) as ex:
-                for i, v in zip(slow, ex.map(lambda i: self.verify(*pairs[i], fast=False), slow)):
+                for i, v in zip(slow, ex.map(lambda i: self.verify(*pairs[i], fast=False, rel_tol=tols[i]), slow)):
                     out[i] = v
         return out  # type: ignore[return-value]
 
-    async def averify_batch(self, pairs: list[tuple[str, str | None]]) -> list[Verdict]:
-        return await asyncio.get_running_loop().run_in_executor(None, self.verify_batch, pairs)
+    async def averify_batch(self, pairs: list[tuple[str, str | None]],
+                            rel_tol: float | None | list[float | None] = None) -> list[Verdict]:
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.verify_batch(pairs, rel_tol=rel_tol))
 
     def close(self) -> None:
         if self._workers is not None:
@@ -425,6 +518,23 @@ class Verifier:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Benchmarks whose own grader compares numbers within a relative tolerance. Minerva's OCWCourses
+# grader (the paper's appendix; lm-evaluation-harness ``ocw_courses.py`` and DeepSeek-Math's
+# ``ocwcourses_eval_utils.py``, ``numeric_equality(threshold=0.01)``) accepts a numeric answer
+# to a gold written in digits when they differ by less than 1% of their mean.
+BENCHMARK_REL_TOL: dict[str, float] = {"minerva_math": 0.01}
+
+
+def rel_tol_for(source: str) -> float | None:
+    """The numeric tolerance of a problem's benchmark: its name, ``data_source`` or the source a
+    data file gives (``minerva``, ``minerva_math``, ``.../minerva_math/test.jsonl`` -> 0.01); every
+    other benchmark compares exactly (None)."""
+    key = (source or "").strip().lower()
+    if "minerva" in key:
+        key = "minerva_math"
+    return BENCHMARK_REL_TOL.get(key)
 
 
 _default: Verifier | None = None

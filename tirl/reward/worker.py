@@ -1,4 +1,4 @@
-"""A verifier worker process: ``python -m tirl.reward.worker``. Reads ``[gold, answer]`` JSON
+"""A verifier worker process: ``python -m tirl.reward.worker``. Reads ``[gold, answer, rel_tol]`` JSON
 lines on stdin, writes ``["ok", bool]`` or ``["error", message]`` lines on stdout."""
 
 import json
@@ -20,8 +20,8 @@ def main() -> None:
     out.flush()
     for line in sys.stdin:
         try:
-            gold, answer = json.loads(line)
-            reply = ["ok", slow_verdict(gold, answer)]
+            gold, answer, rel_tol = json.loads(line)
+            reply = ["ok", slow_verdict(gold, answer, rel_tol)]
         except Exception as e:  # noqa: BLE001 - a verifier error is an incorrect answer
             reply = ["error", repr(e)[:200]]
         out.write(json.dumps(reply) + "\n")
