@@ -3,6 +3,7 @@ async bench's stand-in tool protocols do what its docstring says."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -64,3 +65,18 @@ def test_async_bench_line_protocols():
         assert varied.extract_code(turn) == turn[:-1]
         assert varied.insertion(turn, "ok") == "```output\nok\n```\n"
     assert seen == {1, 2, 3, 4}
+
+
+def test_verifier_table_bench_prints_both_verifiers(tmp_path):
+    """The precision/recall script scores the committed table with tirl and plain math-verify, and its
+    builder reproduces the committed table from the benchmark files (when ../shared is here)."""
+    out = subprocess.run([sys.executable, "benchmarks/verifier_table.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    all_row = [line for line in out.stdout.splitlines() if line.startswith("| **all**")][0]
+    assert "| 1.000 (0 FP) |" in all_row  # tirl's precision on the table
+    data = Path(REPO).resolve().parent / "shared" / "data" / "eval"
+    if data.is_dir():
+        built = tmp_path / "table.jsonl"
+        subprocess.run([sys.executable, "benchmarks/verifier_table.py", "--build", "--data", str(data), "--table", str(built)],
+                       cwd=REPO, check=True, capture_output=True, timeout=120)
+        assert built.read_text() == (Path(__file__).with_name("verifier_table.jsonl")).read_text()

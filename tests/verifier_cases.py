@@ -239,6 +239,11 @@ CASES = [
     ("\\text{(A), (C)}", B % "A, C", True, "named list: options with and without parentheses"),
     ("\\text{(A), (C)}", B % "A, B", False, "named list: another option"),
     ("-3./2", B % "-1.5", True, "Minerva's Python-style gold -3./2"),
+    ("52_8", B % "52_9", False, "number in a base: another base"),
+    ("52_8", B % "52_{8}", True, "number in a base: braced base"),
+    ("52_8", B % "52", True, "number in a base: the digits alone"),
+    ("52_8", B % "42", False, "number in a base: its decimal value is other digits"),
+    ("1011_2", B % "1101_2", False, "number in a base: other digits"),
     # --- pathological inputs: must be answered (incorrect) within the timeout ----------------
     ("1", B % "9^{9^{9^{9}}}", False, "tower of powers"),
     ("2", B % "\\frac{1}{\\frac{1}{\\frac{1}{\\frac{1}{\\frac{1}{\\frac{1}{\\frac{1}{\\frac{1}{3}}}}}}}}", False, "deeply nested fraction"),

@@ -265,10 +265,30 @@ def within(gold: Fraction, answer: Fraction, rel_tol: float) -> bool:
     return answer == gold or abs(answer - gold) < Fraction(rel_tol) * abs(answer + gold) / 2
 
 
+_BASE = re.compile(r"^([0-9A-Z]*\d[0-9A-Z]*)_\{?(\d+)\}?$")  # 52_8, 1011_{2}, 2A7_{16}
+
+
+def base_verdict(gold: str, answer: str) -> bool | None:
+    """**number in a base**: a gold ``52_8`` is matched by the same digits in the same base
+    (``52_{8}``) or by the digits alone (the question names the base), never by another base's
+    digits (math-verify reads ``52_9`` as ``52_8``); None when the gold is no such number."""
+    g = _BASE.match(normalise(gold))
+    if not g:
+        return None
+    a = normalise(answer)
+    m = _BASE.match(a)
+    if m:
+        return m.groups() == g.groups()
+    return a == g.group(1) if re.fullmatch(r"[0-9A-Z]+", a) else None
+
+
 def _rule_verdict(gold: str, answer: str) -> bool | None:
-    """The named rules that decide a pair outright (percentage, named list), else None."""
-    v = percent_verdict(gold, answer)
-    return v if v is not None else names_verdict(gold, answer)
+    """The named rules that decide a pair outright (percentage, named list, base), else None."""
+    for rule in (percent_verdict, names_verdict, base_verdict):
+        v = rule(gold, answer)
+        if v is not None:
+            return v
+    return None
 
 
 def fast_verdict(gold: str, answer: str, rel_tol: float | None = None) -> bool | None:
