@@ -206,3 +206,14 @@ def test_eval_grades_minervas_scientific_notation_golds(tmp_path):
     with Verifier(workers=2) as v:
         got = [x.correct for x in v.verify_batch(pairs)]
     assert got == want, [(g, w, pr) for g, w, pr in zip(got, want, pairs) if g != w][:5]
+
+
+def test_mixed_task_is_scored_per_kind(tiny_model_dir, tmp_path):
+    """The mixed task's held-out set reaches the metrics by kind: one benchmark part per kind, each
+    with its accuracy and code ratio (issue #23)."""
+    res, _ = _eval(["--model", str(tiny_model_dir), "--bench", "synthetic:easy+product@20000", "--limit", "8",
+                    "--config", "mini-mixed", "rollout.engine=hf", "rollout.max_tokens_per_turn=8",
+                    "rollout.max_response_tokens=8"], tmp_path, "mixed")
+    assert sorted(res["benches"]) == ["synthetic:easy", "synthetic:product"]
+    assert sum(b["problems"] for b in res["benches"].values()) == 8
+    assert all("code_ratio" in b["tool"] for b in res["benches"].values())

@@ -76,3 +76,30 @@ def test_the_traces_command_writes_the_recipes_prompt_and_real_outputs(tmp_path)
         system, user, reply = r["messages"]
         assert system["role"] == "system" and "```python" in system["content"]  # mini-retool's prompt
         assert f"```output\n{r['answer']}\n```" in reply["content"]  # the program's real output
+
+
+def test_mixed_traces_use_code_on_the_intended_fraction_whatever_the_kind(pool):
+    """Issue #23's cold start: code on exactly round(p n) traces, drawn without looking at the kind
+    (each kind gets about p), every program runs and prints the answer, every text answer is right."""
+    n, p = 200, 0.3
+    rows = make_traces(n, "mixed", seed=5, sandbox=pool, system="S", code_fraction=p)
+    assert sum(r["uses_code"] for r in rows) == round(p * n)
+    by_kind = {k: [r for r in rows if r["kind"] == k] for k in ("easy", "product")}
+    assert all(len(v) >= 70 for v in by_kind.values())  # the mix is about half and half
+    for kind, rs in by_kind.items():
+        share = sum(r["uses_code"] for r in rs) / len(rs)
+        assert abs(share - p) < 0.12, (kind, share)  # binomial spread, not a kind-dependent choice
+    for r in rows:
+        text = r["messages"][-1]["content"]
+        assert text.rstrip().endswith(f"\\boxed{{{r['answer']}}}.")
+        codes = re.findall(r"```python\n(.*?)\n```", text, re.S)
+        assert len(codes) == int(r["uses_code"])
+        if r["uses_code"]:
+            (out,) = re.findall(r"```output\n(.*?)\n```", text, re.S)
+            assert pool.run(codes[0]).stdout.strip() == out == r["answer"]
+    easy_text = [r for r in by_kind["easy"] if not r["uses_code"]]
+    for r in easy_text:  # one line in words, and the arithmetic in it is the answer
+        a, op, b = re.search(r"(\d+) (\+|-|\\times) (\d+) (?:=|is)", r["messages"][-1]["content"]).groups()
+        assert {"+": int(a) + int(b), "-": int(a) - int(b), "\\times": int(a) * int(b)}[op] == int(r["answer"])
+    assert make_traces(20, "mixed", seed=5, sandbox=pool, code_fraction=0.0)[0]["uses_code"] is False
+    assert all(r["uses_code"] for r in make_traces(10, "mixed", seed=5, sandbox=pool, code_fraction=1.0))

@@ -154,13 +154,18 @@ def _cmd_traces(args: argparse.Namespace) -> int:
 
 
 def _cmd_headline(args: argparse.Namespace) -> int:
-    from tirl.headline import run_headline, table
+    from pathlib import Path
+
+    from tirl.headline import EXPERIMENTS, run_headline
 
     _quiet_libraries()
     seeds = [int(x) for x in args.seeds.split(",")]
-    res = run_headline(seeds, args.out, list(args.overrides), progress=not args.no_progress)
-    print(table(res))
-    print(f"[tirl] plot, table and curves in {args.out}/headline.{{png,md,json}}")
+    name = "headline" if args.experiment == "papers" else args.experiment
+    out = args.out or f"runs/{name}"
+    run_headline(seeds, out, list(args.overrides), arms=EXPERIMENTS[args.experiment], progress=not args.no_progress,
+                 name=name)
+    print(Path(out, f"{name}.md").read_text())
+    print(f"[tirl] plot, table and curves in {out}/{name}.{{png,md,json}}")
     return 0
 
 
@@ -276,9 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="traces.jsonl")
     tr.add_argument("overrides", nargs="*")
     tr.set_defaults(fn=_cmd_traces)
-    hl = sub.add_parser("headline", help="code-integrated vs text-only training (mini-retool vs mini-text), several seeds, one plot")
+    hl = sub.add_parser("headline", help="code-integrated vs text-only training (mini-retool vs mini-text), several seeds, "
+                                         "one plot; --experiment mixed: when to use the tool (mini-mixed, mini-mixed-cost)")
     hl.add_argument("--seeds", default="0,1,2")
-    hl.add_argument("--out", default="runs/headline")
+    hl.add_argument("--experiment", choices=["papers", "mixed"], default="papers",
+                    help="papers: mini-retool vs mini-text; mixed: accuracy and code ratio per kind [papers]")
+    hl.add_argument("--out", default=None, help="[runs/headline, or runs/mixed]")
     hl.add_argument("--no-progress", action="store_true")
     hl.add_argument("overrides", nargs="*", help="applied to both arms, e.g. train.steps=4")
     hl.set_defaults(fn=_cmd_headline)

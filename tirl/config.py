@@ -269,9 +269,12 @@ class OptimConfig(_Strict):
 class SFTConfig(_Strict):
     data: str | None = None
     """Traces (.jsonl/.parquet): ReTool-SFT rows, chat messages with tool turns, or {prompt, response};
-    or ``synthetic:code`` / ``synthetic:text``: generated cold-start traces for the product task (tirl.traces)."""
+    or ``synthetic:code`` / ``synthetic:text``: generated cold-start traces for the product task (tirl.traces);
+    ``synthetic:mixed``: the mixed task (easy and product problems), code on ``code_fraction`` of them."""
     num_traces: int = Field(default=400, ge=1)
     """How many synthetic traces (``sft.data = synthetic:...``)."""
+    code_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
+    """``synthetic:mixed``: the share of traces written with code, chosen whatever the problem's kind."""
     epochs: int = Field(default=2, ge=1)
     """ReTool: 2 epochs (verl's reproduction: 6)."""
     steps: int | None = Field(default=None, ge=1)

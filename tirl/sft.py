@@ -145,15 +145,22 @@ def examples_from_rows(rows: list[tuple[int, dict]], tok, protocol: ToolProtocol
     return out
 
 
-def synthetic_traces(cfg: Config) -> list[dict]:
+def synthetic_traces(cfg: Config, say=print) -> list[dict]:
     """``sft.data = "synthetic:code"`` or ``"synthetic:text"``: cold-start traces on product problems
     ``0 .. sft.num_traces-1`` (RL and evaluation take disjoint ranges), with the recipe's prompt."""
     from tirl.traces import traces_for
 
     style = cfg.sft.data.split(":", 1)[1] if cfg.sft.data else ""
-    if style not in ("code", "text"):
-        raise TirlError(f"unknown sft.data {cfg.sft.data!r}; synthetic traces are synthetic:code or synthetic:text")
-    return traces_for(cfg, style, cfg.sft.num_traces, seed=cfg.data.seed)  # type: ignore[arg-type]
+    if style not in ("code", "text", "mixed"):
+        raise TirlError(f"unknown sft.data {cfg.sft.data!r}; synthetic traces are synthetic:code, synthetic:text "
+                        "or synthetic:mixed")
+    what = f"{cfg.sft.num_traces} cold-start traces ({style}" + (
+        f", code on {cfg.sft.code_fraction:.0%} of them" if style == "mixed" else "") + ")"
+    say(f"[tirl] writing {what}; their programs run in the sandbox")
+    t0 = time.perf_counter()
+    rows = traces_for(cfg, style, cfg.sft.num_traces, seed=cfg.data.seed)  # type: ignore[arg-type]
+    say(f"[tirl] {len(rows)} traces in {time.perf_counter() - t0:.1f} s")
+    return rows
 
 
 def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -210,7 +217,8 @@ def run_sft(cfg: Config, progress: bool = True, model=None, tok=None,
         model = dist.shard(model)
     protocol = get_protocol(cfg.rollout.protocol, tok)
     if s.data.startswith("synthetic:"):
-        examples = examples_from_rows(list(enumerate(synthetic_traces(cfg), 1)), tok, protocol, s.max_len, s.data)
+        rows = synthetic_traces(cfg, dist.say if progress else (lambda _msg: None))
+        examples = examples_from_rows(list(enumerate(rows, 1)), tok, protocol, s.max_len, s.data)
     else:
         examples = load_examples(s.data, tok, protocol, s.max_len)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)
@@ -219,12 +227,14 @@ def run_sft(cfg: Config, progress: bool = True, model=None, tok=None,
     total = s.steps or s.epochs * steps_per_epoch
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     log, order = [], []
-    for step in tqdm(range(1, total + 1), desc="sft", disable=not (progress and dist.writer)):
+    bar = tqdm(range(1, total + 1), desc=f"sft ({len(examples)} traces)", disable=not (progress and dist.writer))
+    for step in bar:
         if len(order) < s.batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[: s.batch_size]], order[s.batch_size :]
         t0 = time.perf_counter()
         row = {"step": step, **sft_step(model, opt, batch, cfg.optim, pad, dist)}
         row["time/step"] = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{row['sft/loss']:.3f}")
         log.append(row)
     return model, tok, log

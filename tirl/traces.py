@@ -7,7 +7,11 @@ Two styles over the same problems, as chat ``messages`` rows that ``tirl sft`` r
   same truncation), then a conclusion with ``\\boxed{answer}``. A trace is kept only if the
   program ran and printed the exact answer;
 * ``text``: the same problems solved in words, the way a text-only SFT set is written: a
-  decomposition of the product into partial products, each exact, the sum, and the boxed answer.
+  decomposition of the product into partial products, each exact, the sum, and the boxed answer;
+* ``mixed`` (issue #23): the mixed task's problems (``easy`` sums, differences and one-digit
+  products, and the products), written with code on a fraction ``code_fraction`` of them chosen
+  at random *independently of the kind*, in words otherwise (an easy one in one line). The traces
+  never show when code helps; RL has to find it.
 
 Phrasing (sentences, variable names, program shapes, decompositions) is drawn per trace from a
 seeded ``random.Random``, so the model cannot just memorise one template; the same seed gives the
@@ -29,7 +33,7 @@ from tirl.rollout.protocol import TORL
 from tirl.sandbox import Sandbox, make_sandbox
 from tirl.types import Problem, TirlError
 
-Style = Literal["code", "text"]
+Style = Literal["code", "text", "mixed"]
 
 _OPENERS = [
     "We need the product of {a} and {b}.", "The answer is {a} times {b}.", "This asks for {a} \\times {b}.",
@@ -99,34 +103,70 @@ def text_response(rng: random.Random, a: int, b: int) -> str:
     return "\n".join(lines)
 
 
+_EASY = re.compile(r"(\d+) (\+|-|\\times) (\d+)")
+_EASY_OPENERS = ["We need {e}.", "This asks for {e}.", "The value of {e} is what we want.", "We compute {e}."]
+_EASY_CODE = {"+": "{a} + {b}", "-": "{a} - {b}", "\\times": "{a} * {b}"}
+
+
+def easy_code_response(rng: random.Random, p: Problem, run: Sandbox) -> tuple[str, str]:
+    a, op, b = _EASY.search(p.problem).groups()
+    u, v = rng.choice(_NAMES)
+    expr = _EASY_CODE[op].format(a=a, b=b)
+    code = rng.choice([f"print({expr})", f"{u} = {a}\n{v} = {b}\nprint({_EASY_CODE[op].format(a=u, b=v)})"])
+    turn = f"{rng.choice(_EASY_OPENERS).format(e=f'{a} {op} {b}')} {rng.choice(_TO_CODE)}\n```python\n{code}\n```"
+    obs = proto.observation(run.run(code), 128, 128)
+    return turn + TORL.insertion(turn, obs) + f"So the answer is \\boxed{{{p.answer}}}.", obs
+
+
+def easy_text_response(rng: random.Random, p: Problem) -> str:
+    a, op, b = _EASY.search(p.problem).groups()
+    return rng.choice(["{a} {op} {b} = {ans}. So the answer is \\boxed{{{ans}}}.",
+                       "We have {a} {op} {b} = {ans}, so the answer is \\boxed{{{ans}}}.",
+                       "{a} {op} {b} is {ans}. The answer is \\boxed{{{ans}}}."]).format(a=a, op=op, b=b, ans=p.answer)
+
+
+def _response(style: str, p: Problem, rng: random.Random, sandbox: Sandbox | None) -> str:
+    """One trace's response; a program's printed value is checked against the answer."""
+    easy = p.source == "synthetic:easy"
+    if style == "text":
+        return easy_text_response(rng, p) if easy else text_response(rng, *_operands(p))
+    response, obs = easy_code_response(rng, p, sandbox) if easy else code_response(rng, *_operands(p), sandbox)
+    if obs.strip() != p.answer:
+        raise TirlError(f"trace {p.id}: the program printed {obs!r}, expected {p.answer} (is the sandbox working?)")
+    return response
+
+
 def make_traces(n: int, style: Style, seed: int = 0, start: int = 0, sandbox: Sandbox | None = None,
-                system: str | None = None, template: str = "{problem}", difficulty: int = 1) -> list[dict]:
-    """``n`` SFT rows (``messages``, plus ``answer`` and ``id``) on product problems
-    ``start .. start+n-1`` of ``seed``. ``code`` style needs a sandbox (the outputs are real)."""
-    if style == "code" and sandbox is None:
-        raise TirlError("code-integrated traces run their programs: pass a sandbox")
+                system: str | None = None, template: str = "{problem}", difficulty: int = 1,
+                code_fraction: float = 0.3) -> list[dict]:
+    """``n`` SFT rows (``messages``, plus ``answer``, ``id``, ``kind`` and ``uses_code``) on problems
+    ``start .. start+n-1`` of ``seed``: products (``code``/``text``) or the mixed task (``mixed``:
+    exactly ``round(code_fraction * n)`` of them, drawn at random whatever their kind, with code).
+    Code needs a sandbox (the outputs are real)."""
+    if style in ("code", "mixed") and sandbox is None:
+        raise TirlError(f"{style} traces run their programs: pass a sandbox")
+    kinds = ("easy", "product") if style == "mixed" else ("product",)
+    problems = arithmetic_problems(n, seed=seed, difficulty=difficulty, kinds=kinds, start=start)
+    with_code = set(random.Random(f"traces:mixed:{seed}:{start}").sample(range(n), round(code_fraction * n))) \
+        if style == "mixed" else set(range(n)) if style == "code" else set()
     rows = []
-    for p in arithmetic_problems(n, seed=seed, difficulty=difficulty, kinds=("product",), start=start):
+    for i, p in enumerate(problems):
         rng = random.Random(f"trace:{style}:{p.id}")
-        a, b = _operands(p)
-        if style == "code":
-            response, obs = code_response(rng, a, b, sandbox)  # type: ignore[arg-type]
-            if obs.strip() != p.answer:
-                raise TirlError(f"trace {p.id}: the program printed {obs!r}, expected {p.answer} (is the sandbox working?)")
-        else:
-            response = text_response(rng, a, b)
+        response = _response("code" if i in with_code else "text", p, rng, sandbox)
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": template.format(problem=p.problem)}, {"role": "assistant", "content": response}]
-        rows.append({"id": p.id, "answer": p.answer, "messages": msgs})
+        rows.append({"id": p.id, "answer": p.answer, "kind": p.source.split(":", 1)[1], "uses_code": i in with_code,
+                     "messages": msgs})
     return rows
 
 
 def traces_for(cfg: Config, style: Style, n: int, seed: int, start: int = 0) -> list[dict]:
     """:func:`make_traces` with a recipe's prompt, difficulty and sandbox (opened for the code style, then closed)."""
-    sandbox = make_sandbox(cfg.sandbox) if style == "code" else None
+    sandbox = make_sandbox(cfg.sandbox) if style in ("code", "mixed") else None
     try:
         return make_traces(n, style, seed=seed, start=start, sandbox=sandbox, system=cfg.prompt.system,
-                           template=cfg.prompt.template, difficulty=cfg.data.difficulty)
+                           template=cfg.prompt.template, difficulty=cfg.data.difficulty,
+                           code_fraction=cfg.sft.code_fraction)
     finally:
         if sandbox is not None:
             sandbox.close()

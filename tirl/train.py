@@ -75,6 +75,9 @@ def make_engine(cfg: Config, model, tok, dist: Dist | None = None):
             from tirl.rollout.vllm_engine import VLLMEngine
 
             dtype = cfg.model.compute if r.vllm_dtype == "auto" else r.vllm_dtype
+            print("[tirl] starting vLLM (on 2 CPU cores this takes about 1-2 minutes: engine process, weights, "
+                  "KV cache, warm-up)", flush=True)
+            t0 = time.perf_counter()
             engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.cache_dir), dtype=dtype,
                                 memory_fraction=r.vllm_memory_fraction, max_model_len=4096, seed=cfg.train.seed,
                                 kv_cache_gb=r.vllm_kv_cache_gb, in_process=r.vllm_in_process,
@@ -87,6 +90,7 @@ def make_engine(cfg: Config, model, tok, dist: Dist | None = None):
                                 "or set rollout.engine=hf") from None
             print(f"[tirl] {msg}; using the Hugging Face engine instead", flush=True)
             return HFEngine(model, tok, r.generation_batch_size)
+        print(f"[tirl] vLLM ready in {time.perf_counter() - t0:.0f} s", flush=True)
         engine.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if cfg.sft.before_rl and cfg.sft.data:
             engine.load_weights(model, r.weight_sync)  # SFT already moved the weights
@@ -105,7 +109,8 @@ def check_registries(cfg: Config) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, progress: bool = False):
+        """``progress``: show the set-up stages (SFT's bar with its loss, vLLM's start-up) as they run."""
         check_requirements(cfg)
         check_registries(cfg)
         self.cfg = cfg
@@ -127,7 +132,7 @@ class Trainer:
         if cfg.sft.before_rl and cfg.sft.data:  # ReTool stage 1, then RL on the same weights
             from tirl.sft import run_sft
 
-            _, _, self.sft_log = run_sft(cfg, progress=False, model=self.model, tok=self.tok)
+            _, _, self.sft_log = run_sft(cfg, progress=progress, model=self.model, tok=self.tok)
         dist.replicate(self.model)  # every rank starts from the writer's weights
         self.critic = None
         if cfg.algo.advantage == "gae":
@@ -438,7 +443,7 @@ def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Pat
     (see :func:`tirl.run.resume_config`), continued in that run's folder."""
     from tqdm.auto import tqdm
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, progress=progress)
     dist = trainer.dist
     try:
         run, path = _open_run(trainer, cfg, resume)
@@ -452,6 +457,8 @@ def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Pat
                disable=not (progress and dist.writer), dynamic_ncols=True)
     try:
         if cfg.eval.at_start and trainer.state.step == 0:  # the starting point (after SFT, before RL)
+            dist.say(f"[tirl] evaluating the starting point on {', '.join(cfg.eval.benches)} "
+                     f"({cfg.eval.limit or 'all'} problems x {cfg.eval.n})")
             ev = trainer.evaluate(path / "eval" / "step_000000")
             run.log_metrics({"step": 0, **ev})
             dist.say(_eval_line(0, ev))

@@ -5,7 +5,9 @@ Each problem is made from its own ``random.Random(f"{seed}:{index}")``, so probl
 Answers are exact integers computed with Python's big integers.
 
 Kinds: multi-digit products, modular exponentiation, sums of series (squares, cubes, arithmetic
-progressions), digit sums of powers, gcd/lcm, counting divisors, combinations.
+progressions), digit sums of powers, gcd/lcm, counting divisors, combinations, and ``easy``: small
+sums, differences and one-digit products that a small model can do in text (the mixed task of
+``mini-mixed`` pairs them with the products, which it cannot do without code).
 """
 
 from __future__ import annotations
@@ -82,6 +84,21 @@ def _choose(rng: random.Random, d: int) -> tuple[str, int]:
     return f"In how many ways can a committee of {k} be chosen from {n} people?", math.comb(n, k)
 
 
+def _easy(rng: random.Random, d: int) -> tuple[str, int]:
+    op = rng.randrange(3)
+    if op == 0:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        text, ans = f"{a} + {b}", a + b
+    elif op == 1:
+        a = rng.randint(5, 18)
+        b = rng.randint(1, min(9, a - 1))
+        text, ans = f"{a} - {b}", a - b
+    else:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        text, ans = f"{a} \\times {b}", a * b
+    return rng.choice([f"What is {text}?", f"Compute {text}.", f"Find the value of {text}."]), ans
+
+
 KINDS: dict[str, _Kind] = {
     "product": _product,
     "modpow": _modpow,
@@ -90,12 +107,14 @@ KINDS: dict[str, _Kind] = {
     "gcd_lcm": _gcd_lcm,
     "divisors": _divisors,
     "choose": _choose,
+    "easy": _easy,
 }
+ARITHMETIC = tuple(k for k in KINDS if k != "easy")  # synthetic:arithmetic, as before the easy kind
 
 
 def make_problem(seed: int, index: int, difficulty: int = 1, kinds: tuple[str, ...] | None = None) -> Problem:
     rng = random.Random(f"{seed}:{index}")
-    names = kinds or tuple(KINDS)
+    names = kinds or ARITHMETIC
     kind = names[rng.randrange(len(names))]
     text, answer = KINDS[kind](rng, difficulty)
     return Problem(id=f"arith-{seed}-{index}", problem=text, answer=str(answer), source=f"synthetic:{kind}")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tirl.config import Config
-from tirl.data import build_problems, load_problems
+from tirl.data import build_problems, load_problems, parse_synthetic
 from tirl.eval.metrics import rollout_metrics
 from tirl.eval.published import TORL_BENCHES, published_for
 from tirl.eval.scores import aggregate, problem_scores
@@ -98,8 +98,10 @@ def bench_file(path: Path, limit: int | None, problem_field: str = "problem", an
 
 def bench_parts(bench: str, problems: list[Problem]) -> list[tuple[str, list[Problem]]]:
     """``(name, problems)`` to score: a file's problems by their ``data_source`` (ToRL's test file
-    gives aime24 / aime25 / math500), anything else as one benchmark."""
-    if not Path(bench).expanduser().is_file():
+    gives aime24 / aime25 / math500), a synthetic set of several kinds by kind (``synthetic:easy``,
+    ``synthetic:product``: the mixed task's metrics per kind), anything else as one benchmark."""
+    several_kinds = bench.startswith("synthetic:") and len(parse_synthetic(bench)[0] or ()) > 1
+    if not several_kinds and not Path(bench).expanduser().is_file():
         return [(bench, problems)]
     groups: dict[str, list[Problem]] = {}
     for p in problems:

@@ -17,6 +17,8 @@ Terms:
   falling linearly to -1 at ``max`` (``reward.overlong_max_tokens``, default the rollout budget),
   -1 beyond.
 * ``format`` — 1 if a final answer could be extracted (a closed ``\\boxed{}``), else 0.
+* ``tool_cost`` — minus the number of tool calls the trajectory made (weight 0.1 = a cost of 0.1
+  per call; weight 0, the default in recipes that list it, logs it as a metric).
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ def overlong_term(traj: Trajectory, cfg: Any) -> float:
 @register_term("format")
 def format_term(traj: Trajectory, cfg: Any) -> float:
     return 1.0 if traj.reward_info.get("extracted") is not None else 0.0
+
+
+@register_term("tool_cost")
+def tool_cost_term(traj: Trajectory, cfg: Any) -> float:
+    return -float(len(traj.tool_calls))
 
 
 def check_terms(names) -> None:
