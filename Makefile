@@ -3,19 +3,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup demo headline test test-all lint clean
+.PHONY: setup demo headline mixed test test-all lint clean
 
 setup:
 	@bash scripts/setup.sh
 
-## demo: the code-integrated arm of the laptop headline (recipe mini-retool) on the embedded
-## SmolLM2-135M-Instruct: cold-start SFT on synthetic code traces, then GRPO with the sandbox (~12 min on 2 cores)
+## demo: RL teaches the embedded SmolLM2-135M-Instruct *when* to use the tool (recipe mini-mixed, 8 of its 12
+## steps): a cold start that writes code on 30% of the problems whatever their kind, then GRPO with the sandbox on
+## a mix of easy problems and 4-digit x 3-digit products; prints accuracy and code ratio per kind as it learns
 demo: setup
-	$(PY) -m tirl train --config mini-retool $(ARGS)
+	$(PY) -m tirl train --config mini-mixed train.steps=8 $(ARGS)
 
-## headline: both arms (code-integrated vs text-only) over three seeds, table + plot (~71 min on 2 cores)
+## headline: the papers' comparison, both arms (code-integrated vs text-only) over three seeds, table + plot (~71 min)
 headline: setup
 	$(PY) -m tirl headline --seeds 0,1,2 --out runs/headline $(ARGS)
+
+## mixed: when to use the tool, mini-mixed and mini-mixed-cost over three seeds, per-kind table + plot
+mixed: setup
+	$(PY) -m tirl headline --experiment mixed --seeds 0,1,2 --out runs/mixed $(ARGS)
 
 ## test: the default (CPU-fast) test suite
 test: setup

@@ -217,3 +217,24 @@ def test_mixed_task_is_scored_per_kind(tiny_model_dir, tmp_path):
     assert sorted(res["benches"]) == ["synthetic:easy", "synthetic:product"]
     assert sum(b["problems"] for b in res["benches"].values()) == 8
     assert all("code_ratio" in b["tool"] for b in res["benches"].values())
+
+
+def test_per_source_metrics_split_a_mixed_batch_by_kind():
+    """During training the mixed task's batch is reported per kind (accuracy, code ratio); a batch of
+    one source adds nothing. Trajectories built by hand (no model)."""
+    from tirl.eval import per_source_metrics
+    from tirl.types import Problem, Segment, Trajectory
+
+    def traj(src, code, ok):
+        text = "```python\nprint(1)\n```" if code else "1 + 1 = 2"
+        t = Trajectory(problem=Problem(id="p", problem="q", answer="2", source=src), group=0, token_ids=[1], mask=[1],
+                       logprobs=[0.0], prompt_len=0, segments=[Segment(kind="model", text=text, start=0, end=1)])
+        t.reward_info = {"correct": ok}
+        return t
+
+    batch = [traj("synthetic:easy", False, True), traj("synthetic:easy", True, True),
+             traj("synthetic:product", True, True), traj("synthetic:product", True, False)]
+    m = per_source_metrics(batch)
+    assert m == {"synthetic:easy/accuracy": 1.0, "synthetic:easy/code_ratio": 0.5,
+                 "synthetic:product/accuracy": 0.5, "synthetic:product/code_ratio": 1.0}
+    assert per_source_metrics(batch[:2]) == {}

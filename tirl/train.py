@@ -25,7 +25,7 @@ from tirl.advantage import ADVANTAGES, gae
 from tirl.config import Config, check_requirements
 from tirl.data import ProblemSampler, build_problems
 from tirl.dist import Dist
-from tirl.eval import rollout_metrics
+from tirl.eval import per_source_metrics, rollout_metrics
 from tirl.eval.runner import evaluate
 from tirl.loss import AGGREGATIONS, POLICY_LOSSES
 from tirl.models import load_model, resolve_device
@@ -261,7 +261,8 @@ class Trainer:
         self.state.data = self.sampler.state_dict()
         self.done, self.mid_update = TrainState(self.state.step, dict(self.state.data)), False
         everyone = sorted(dist.gather(trajs), key=lambda t: t.group)  # (stable: a group keeps its order)
-        metrics = {"step": self.state.step, **rollout_metrics(everyone), **{f"update/{k}": v for k, v in upd.items()},
+        metrics = {"step": self.state.step, **rollout_metrics(everyone), **per_source_metrics(everyone),
+                   **{f"update/{k}": v for k, v in upd.items()},
                    **shaping, "lr": self.scheduler.get_last_lr()[0], "time/generate": timing["generate"],
                    "time/tools": timing["tools"], "time/reward": timing["reward"],
                    "time/update": time.perf_counter() - t0 - t_sync, "time/sync": t_sync}

@@ -1,5 +1,5 @@
 """Evaluation helpers. ``rollout_metrics``: the statistics the papers analyse, from trajectories."""
 
-from tirl.eval.metrics import rollout_metrics
+from tirl.eval.metrics import per_source_metrics, rollout_metrics
 
-__all__ = ["rollout_metrics"]
+__all__ = ["per_source_metrics", "rollout_metrics"]

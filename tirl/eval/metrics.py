@@ -51,3 +51,16 @@ def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         **{f"reward/{name}": _mean([t.reward_info.get("terms", {}).get(name, float("nan")) for t in trajs])
            for name in (trajs[0].reward_info.get("terms", {}) if trajs else {})},
     }
+
+
+def per_source_metrics(trajs: list[Trajectory], keys: tuple[str, ...] = ("accuracy", "code_ratio")) -> dict[str, float]:
+    """``<source>/<key>`` for each problem source when a batch mixes several (the mixed task's
+    kinds during training: ``synthetic:easy/code_ratio``); empty for a batch of one source."""
+    sources = sorted({t.problem.source for t in trajs})
+    if len(sources) < 2:
+        return {}
+    out = {}
+    for src in sources:
+        m = rollout_metrics([t for t in trajs if t.problem.source == src])
+        out |= {f"{src}/{k}": m[k] for k in keys}
+    return out

@@ -139,17 +139,25 @@ def _figures(s: str) -> int | None:
     return None
 
 
-def plain_number(s: str) -> Fraction | None:
-    """The exact value of a plain number written in ``s`` (scientific notation included), or None
-    if ``s`` is anything else."""
+def digits_number(s: str) -> Fraction | None:
+    """The value of a number written in digits (an integer, a decimal, scientific notation): what
+    Minerva's grader can ``float()``; None for fractions and anything else."""
     sci = scientific(s)
     if sci is not None:
         return sci[0]
+    t = _strip_parens(_strip_units(normalise(s)))
+    if _THOUSANDS.match(t):
+        t = t.replace(",", "")
+    return Fraction(t) if _NUM.match(t) else None
+
+
+def plain_number(s: str) -> Fraction | None:
+    """The exact value of a plain number written in ``s`` (digits, scientific notation, a repeating
+    decimal, a fraction), or None if ``s`` is anything else."""
+    digits = digits_number(s)
+    if digits is not None:
+        return digits
     s = _strip_parens(_strip_units(normalise(s)))
-    if _THOUSANDS.match(s):
-        s = s.replace(",", "")
-    if _NUM.match(s):
-        return Fraction(s)
     m = _REPEATING.match(s)
     if m:
         sign, whole, fixed, rep = m.groups()
@@ -246,18 +254,6 @@ def names_verdict(gold: str, answer: str) -> bool | None:
         return None
     a = _names(answer)
     return a == g if a is not None else None
-
-
-def digits_number(s: str) -> Fraction | None:
-    """The value of a number written in digits (an integer, a decimal, scientific notation): what
-    Minerva's grader can ``float()``; None for fractions and anything else."""
-    sci = scientific(s)
-    if sci is not None:
-        return sci[0]
-    t = _strip_parens(_strip_units(normalise(s)))
-    if _THOUSANDS.match(t):
-        t = t.replace(",", "")
-    return Fraction(t) if _NUM.match(t) else None
 
 
 def within(gold: Fraction, answer: Fraction, rel_tol: float) -> bool:
