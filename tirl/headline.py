@@ -105,7 +105,8 @@ def plot_kinds(results: dict, path: Path) -> None:
                 steps = [p["step"] for p in curves[0]]
                 if all(len(c) == len(steps) for c in curves):
                     ax.plot(steps, [mean(c[i]["kinds"][kind][key] for c in curves) for i in range(len(steps))], color=color,
-                            linewidth=2.5, marker="o", label=f"{kind.split(':')[-1]} (mean of {len(curves)} seeds)")
+                            linewidth=2.5, marker="o", label=f"{kind.split(':')[-1]} " + (
+                                f"(mean of {len(curves)} seeds)" if len(curves) > 1 else "(1 seed)"))
         axes[0][col].set(title=f"{arm}: held-out accuracy", xlabel="RL step (0 = after SFT)", ylim=(-0.02, 1.02))
         axes[1][col].set(title=f"{arm}: code ratio (responses with code)", xlabel="RL step (0 = after SFT)", ylim=(-0.02, 1.02))
         axes[0][col].legend(loc="best", fontsize=8)
