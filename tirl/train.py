@@ -305,6 +305,10 @@ class Trainer:
     def evaluate(self, out_dir: Path) -> dict[str, float]:
         """Periodic evaluation, on the writer (its engine holds the full weights; the other ranks
         wait); returns flat ``eval/<bench>/<score>`` metrics, on every rank."""
+        e = self.cfg.eval
+        self.dist.say(f"[tirl] evaluating at step {self.state.step} on {', '.join(e.benches)} "
+                      f"({e.limit or 'all'} problems x {e.n})")
+
         def run() -> dict[str, float]:
             res = evaluate(self.model, self.tok, self.cfg, self.sandbox, self.verifier, out_dir, engine=self.engine)
             flat = {f"eval/{b}/{k}": v for b, r in res["benches"].items() for k, v in {**r["scores"], **r["tool"]}.items()}
@@ -458,8 +462,6 @@ def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Pat
                disable=not (progress and dist.writer), dynamic_ncols=True)
     try:
         if cfg.eval.at_start and trainer.state.step == 0:  # the starting point (after SFT, before RL)
-            dist.say(f"[tirl] evaluating the starting point on {', '.join(cfg.eval.benches)} "
-                     f"({cfg.eval.limit or 'all'} problems x {cfg.eval.n})")
             ev = trainer.evaluate(path / "eval" / "step_000000")
             run.log_metrics({"step": 0, **ev})
             dist.say(_eval_line(0, ev))
