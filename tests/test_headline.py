@@ -3,6 +3,8 @@ evaluation before and after RL) for two seeds, then the table, the curves and th
 
 import json
 
+import pytest
+
 from tirl.cli import main
 
 
@@ -36,6 +38,7 @@ def test_the_console_learning_curve_line_names_each_benchmark_accuracy_and_tool_
                                  "gsm8k avg@2 0.250 (tool calls 0.00)")
 
 
+@pytest.mark.slow  # ~1 min: the clean-clone suite took 20.8 min with it (make test-all runs it)
 def test_mixed_experiment_writes_per_kind_table_and_plot(tiny_model_dir, tmp_path):
     """`tirl headline --experiment mixed`: both arms on the mixed task; the curves, the table and the
     plot are per kind (easy, product), with accuracy and code ratio at every evaluation."""
