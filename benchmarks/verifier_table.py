@@ -145,7 +145,6 @@ def decimal_pair(g: str, minerva: bool, rng: random.Random) -> tuple[str, str, s
 def sci_pair(g: str, rng: random.Random) -> tuple[str, str, str, str]:
     m = _SCI.match(g.replace(" ", ""))
     mant, exp = m.group(1), int(m.group(2))
-    value = Fraction(mant) * Fraction(10) ** exp
     right = rng.choice([
         (sci_tex(mant, exp), "\\times 10^{} form"),
         (f"{mant} \\cdot 10^{{{exp}}} \\text{{ m}}", "\\cdot 10^{} form with units"),
@@ -157,7 +156,6 @@ def sci_pair(g: str, rng: random.Random) -> tuple[str, str, str, str]:
         (sci_tex(f"{float(Fraction(mant) * Fraction(104, 100)):.3g}", exp), "4% off"),
         (sci_tex(mant, -exp) if exp else sci_tex(mant, 1), "the exponent's sign"),
     ])
-    del value
     return right[0], right[1], wrong[0], wrong[1]
 
 

@@ -343,8 +343,9 @@ def slow_verdict(gold: str, answer: str, rel_tol: float | None = None) -> bool:
     def number_matches(value: Fraction) -> bool:  # the gold is a number with a stated precision or tolerance
         return within(tol_gold, value, rel_tol) if tol_gold is not None else sig_figs_match(sci, value, _figures(answer))
 
-    if (sci is not None or tol_gold is not None) and plain_number(answer) is not None:
-        return number_matches(plain_number(answer))
+    plain = plain_number(answer)
+    if (sci is not None or tol_gold is not None) and plain is not None:
+        return number_matches(plain)
     a = parse(f"${unwrap_braces(answer)}$", parsing_timeout=None)
     if sci is not None or tol_gold is not None:  # math-verify would read the e of 3e8 as Euler's number
         return bool(a) and _numeric(a[0]) and number_matches(_exact_value(a[0]))
