@@ -152,6 +152,9 @@ _LEAVE_BEHIND = {
     "the work root renamed and replaced by a symlink": (
         "import os\nos.rename('/tmp/sbx', '/tmp/moved')\nos.symlink('/usr', '/tmp/sbx')"),
     "/tmp locked": "import os\nos.chmod('/tmp/sbx', 0)\nos.chmod('/tmp', 0o500)",
+    "a locked tree in /mnt (the private mount for SandboxFusion's absolute paths)": (
+        "import os\nos.makedirs('/mnt/a/b')\nopen('/mnt/a/b/f', 'w').write('secret')\nos.chmod('/mnt/a', 0)\n"
+        "os.chmod('/mnt', 0o500)"),
     "a file and a semaphore in /dev/shm": (  # private and small (multiprocessing's locks live there)
         "import os, multiprocessing\nopen('/dev/shm/leak', 'w').write('secret')\nos.mkdir('/dev/shm/d')\n"
         "l = multiprocessing.Lock()\nos.chmod('/dev/shm/d', 0)"),
@@ -165,9 +168,9 @@ def test_nothing_written_survives_into_the_next_request(pool, contained, what):
     (its private /tmp) is gone before the next one starts, whatever it did to the modes."""
     _run(pool, _LEAVE_BEHIND[what])
     for _ in pool.pids():  # sequential requests take the lanes in turn: the probe reaches the one used
-        r = _run(pool, "import os\nprint(sorted(os.listdir('/tmp')), os.listdir('.'), os.getcwd(), os.listdir('/dev/shm'))\n"
-                       "open('probe', 'w').write('x'); print(open('probe').read())")
-        assert r.stdout.split("\n")[:2] == ["['sbx'] [] /tmp/sbx/work []", "x"], r
+        r = _run(pool, "import os\nprint(sorted(os.listdir('/tmp')), os.listdir('.'), os.getcwd(), os.listdir('/dev/shm'), "
+                       "os.listdir('/mnt'))\nopen('probe', 'w').write('x'); print(open('probe').read())")
+        assert r.stdout.split("\n")[:2] == ["['sbx'] [] /tmp/sbx/work [] []", "x"], r
     assert not os.path.exists("/dev/shm/leak")  # the host's /dev/shm was never the sandbox's
 
 

@@ -112,10 +112,28 @@ def test_files_in_and_out(url):
     assert base64.b64decode(out["files"]["out.txt"]) == b"result 42"
     assert base64.b64decode(out["files"]["sub/b.bin"]) == bytes(range(256))
     assert run(url, "import os; print(os.path.exists('skipped.txt'))", files={"skipped.txt": None})["run_result"]["stdout"] == "False\n"
-    for bad in ({"/etc/passwd": b64("x")}, {"../escape.txt": b64("x")}, {"ok.txt": "not base64!"}):
+    for bad in ({"/etc/passwd": b64("x")}, {"../escape.txt": b64("x")}, {"/mnt/../etc/x": b64("x")}, {"/mnt": b64("x")},
+                {"ok.txt": "not base64!"}):
         status, body = post(url, {"code": "1", "language": "python", "files": bad})
         assert status == 422 and body["detail"][0]["loc"][1] == "files", bad
+    status, body = post(url, {"code": "1", "language": "python", "fetch_files": ["/etc/passwd"]})
+    assert status == 422 and "/mnt" in body["detail"][0]["msg"]  # the message names where paths may point
     assert run(url, "print(open('out.txt').read() if __import__('os').path.exists('out.txt') else 'clean')")["run_result"]["stdout"] == "clean\n"
+
+
+def test_absolute_paths_in_the_sandboxs_private_mounts(url, pool):
+    """SandboxFusion takes absolute ``files`` / ``fetch_files`` paths (its own test writes ``/mnt/b``):
+    here they may point into the sandbox's private, wiped /tmp and /mnt, and come back under the name asked."""
+    if not pool.writable_dirs:
+        pytest.skip("no bubblewrap: absolute paths are refused (422), tested above")
+    code = ("open('a.txt', 'w').write('secret'); open('/mnt/b', 'w').write('sauce')\n"
+            "import os; os.makedirs('/mnt/out', exist_ok=True); open('/mnt/out/c', 'w').write(open('/mnt/in/x').read() * 2)\n"
+            "print(open('/tmp/given.txt').read())")
+    out = run(url, code, files={"/mnt/in/x": b64("ab"), "/tmp/given.txt": b64("given")},
+              fetch_files=["a.txt", "/mnt/b", "/mnt/out/c", "/mnt/missing"])
+    assert out["status"] == "Success" and out["run_result"]["stdout"] == "given\n", out
+    assert {k: base64.b64decode(v).decode() for k, v in out["files"].items()} == {"a.txt": "secret", "/mnt/b": "sauce", "/mnt/out/c": "abab"}
+    assert run(url, "import os; print(os.listdir('/mnt'), os.path.exists('/tmp/given.txt'))")["run_result"]["stdout"] == "[] False\n"
 
 
 def test_pytest_language(url):

@@ -112,6 +112,11 @@ def _reference_blas() -> dict[str, str]:
     return {"LD_LIBRARY_PATH": ":".join(dirs)} if dirs else {}
 
 
+SCRATCH_DIRS = ("/tmp", "/mnt")
+"""Under bubblewrap, the places a request may write (private size-capped tmpfs mounts, wiped after every
+request): the work directory lives in /tmp; /mnt takes absolute paths as SandboxFusion's own tests use."""
+
+
 def _bwrap_args(python: str, tmp_mb: int) -> list[str]:
     args = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
             "--ro-bind", "/usr", "/usr"]
@@ -129,12 +134,13 @@ def _bwrap_args(python: str, tmp_mb: int) -> list[str]:
                 args += ["--ro-bind", prefix, prefix]
     # /dev/shm: a small private tmpfs for POSIX semaphores (multiprocessing's locks); emptied after every request
     args += ["--dev", "/dev", "--proc", "/proc", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp",
+             "--size", str(tmp_mb << 20), "--tmpfs", "/mnt",
              "--size", str(min(tmp_mb, 16) << 20), "--tmpfs", "/dev/shm",
              "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
              "--setenv", "OPENBLAS_NUM_THREADS", "1", "--setenv", "OMP_NUM_THREADS", "1",
              "--setenv", "MPLBACKEND", "Agg", *[a for k, v in _reference_blas().items() for a in ("--setenv", k, v)],
              "--hostname", "sandbox", "--chdir", "/tmp",
-             "--remount-ro", "/dev", "--remount-ro", "/"]  # only the size-capped /tmp is writable
+             "--remount-ro", "/dev", "--remount-ro", "/"]  # only the size-capped SCRATCH_DIRS are writable
     return args
 
 
@@ -284,7 +290,7 @@ class ZygotePool:
         self._bwrap, self._lanes = bwrap, []
         env = {"PATH": "/usr/bin:/bin"}  # bwrap's own environment: nothing of ours (no secrets in /proc/1/environ)
         if bwrap:
-            argv, cwd = [*_bwrap_args(self.python, tmp_mb), self.python, "-I", "-c", ZYGOTE_SOURCE, "/tmp/sbx", "", "/tmp"], None
+            argv, cwd = [*_bwrap_args(self.python, tmp_mb), self.python, "-I", "-c", ZYGOTE_SOURCE, "/tmp/sbx", "", ":".join(SCRATCH_DIRS)], None
         else:
             self._workroot = tempfile.mkdtemp(prefix="tirl-zygote-")
             if self.uid is not None:
@@ -327,11 +333,19 @@ class ZygotePool:
         for lane in lanes:
             lane.wait_ready(self._start_timeout)
 
+    @property
+    def writable_dirs(self) -> tuple[str, ...]:
+        """Where absolute ``files`` / ``fetch`` paths may point: the private, wiped scratch mounts
+        under bubblewrap; none without it (the work directory is then a host directory)."""
+        return SCRATCH_DIRS if self._bwrap else ()
+
     # -- the Sandbox interface -------------------------------------------------------------
     def run(self, code: str, timeout: float | None = None, *, stdin: str = "", files: dict[str, bytes] | None = None,
             memory_mb: int | None = None, fetch: list[str] | None = None, max_output: int | None = None) -> ExecResult:
         """``files`` are written to the work directory first; ``fetch`` names files to read back
-        after the run (``ExecResult.files``); ``max_output`` overrides the pool's output cap."""
+        after the run (``ExecResult.files``); ``max_output`` overrides the pool's output cap. A path
+        is relative to the work directory, or absolute inside one of :attr:`writable_dirs`; others are
+        skipped."""
         if self._closed:
             raise RuntimeError("sandbox pool is closed")
         timeout = self.timeout_s if timeout is None else timeout

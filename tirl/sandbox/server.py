@@ -13,8 +13,10 @@ What a client sees, and where it differs from SandboxFusion:
 * Output: each stream up to 1 MiB, as SandboxFusion reads. A program that passes it is stopped and
   answered ``Failed`` with a non-zero ``return_code`` (-9 when it was killed) and the cut in
   ``stderr``, so no client takes a cut output for a successful run.
-* ``files`` (path -> base64, null skipped) are written into the request's private work directory;
-  a path outside it (absolute, ``..``) is a 422. ``fetch_files`` come back base64 in ``files``.
+* ``files`` (path -> base64, null skipped) are written into the request's private work directory,
+  or, for an absolute path, into the sandbox's private /tmp or /mnt (SandboxFusion takes absolute
+  paths too); a path anywhere else is a 422 naming the places allowed. ``fetch_files`` come back
+  base64 in ``files``, under the names asked for.
 * Admission: at most ``lanes`` requests run; at most ``max_queue`` wait, each for at most
   ``max_wait_s``. A request that cannot start in time gets HTTP **504** with a ``SandboxError`` body
   and ``Retry-After``, at once instead of a silent wait past the client's time-out. 504 is what verl's
@@ -95,8 +97,24 @@ class Admission:
         self.sem.release()
 
 
-def _check(req: RunCodeRequest, limits: ServerLimits) -> tuple[int | None, dict[str, bytes]]:
-    """The memory cap to apply and the decoded files; :class:`BadRequest` for what cannot run as asked."""
+def _file_path(path: str, writable: tuple[str, ...]) -> str | None:
+    """``path`` as the sandbox will take it (relative to the work directory, or absolute inside one of
+    the sandbox's private ``writable`` mounts), or None where it would land elsewhere."""
+    norm = posixpath.normpath(path)
+    if posixpath.isabs(norm):
+        return norm if any(norm.startswith(d.rstrip("/") + "/") for d in writable) else None
+    return None if norm in ("", ".", "..") or norm.startswith("../") else norm
+
+
+def _outside(path: str, writable: tuple[str, ...]) -> str:
+    where = f" or an absolute path in {', '.join(writable)} (the sandbox's private, wiped mounts)" if writable else (
+        " (this server's sandbox has no private mount for absolute paths: it runs without bubblewrap)")
+    return f"path {path!r} is outside what a request may write: give a path relative to its work directory{where}"
+
+
+def _check(req: RunCodeRequest, limits: ServerLimits, writable: tuple[str, ...] = ()) -> tuple[int | None, dict[str, bytes]]:
+    """The memory cap to apply and the decoded files; :class:`BadRequest` for what cannot run as asked.
+    ``writable``: where absolute paths may point (:attr:`ZygotePool.writable_dirs`)."""
     if req.run_timeout <= 0 or req.run_timeout > limits.max_run_timeout_s:
         raise BadRequest("run_timeout", f"run_timeout must be in (0, {limits.max_run_timeout_s:g}] s on this server "
                                         f"(--max-timeout); got {req.run_timeout:g}")
@@ -107,18 +125,16 @@ def _check(req: RunCodeRequest, limits: ServerLimits) -> tuple[int | None, dict[
     for path, content in req.files.items():
         if content is None:  # SandboxFusion skips these
             continue
-        norm = posixpath.normpath(path)
-        if posixpath.isabs(path) or norm == ".." or norm.startswith("../") or norm in ("", "."):
-            raise BadRequest(f"files.{path}", f"file path {path!r} is outside the request's work directory; "
-                                              "give a path relative to it")
+        norm = _file_path(path, writable)
+        if norm is None:
+            raise BadRequest(f"files.{path}", "file " + _outside(path, writable))
         try:
             files[norm] = base64.b64decode(content, validate=True)
         except (binascii.Error, ValueError) as e:
             raise BadRequest(f"files.{path}", f"the content of {path!r} is not base64 ({e})") from None
     for path in req.fetch_files:
-        norm = posixpath.normpath(path)
-        if posixpath.isabs(path) or norm == ".." or norm.startswith("../"):
-            raise BadRequest("fetch_files", f"fetch_files path {path!r} is outside the request's work directory")
+        if _file_path(path, writable) is None:
+            raise BadRequest("fetch_files", "fetch_files " + _outside(path, writable))
     memory = limits.max_memory_mb if req.memory_limit_MB == -1 else req.memory_limit_MB
     return memory, files
 
@@ -199,7 +215,7 @@ def create_app(pool: ZygotePool, limits: ServerLimits | None = None):
             return RunCodeResponse(status=RunStatus.SandboxError, executor_pod_name=os.environ.get("MY_POD_NAME"),
                                    message=f"language {req.language!r} is not available on this server "
                                            f"(tirl sandbox serve runs {', '.join(RUNS)})")
-        memory, files = _check(req, limits)
+        memory, files = _check(req, limits, pool.writable_dirs)
         program = _program(req, files)
         adm = admission()
         busy = await adm.enter()

@@ -176,6 +176,7 @@ def install_seccomp(seccomp):
 
 PROTO_IN, PROTO_OUT = 0, 1  # replaced in main() by private copies
 SCRATCH = ""  # a private /tmp (bubblewrap's) that is wiped after every request; "" outside bwrap
+SCRATCHES = ()  # every private writable mount (SCRATCH first, then e.g. /mnt), all wiped after every request
 STATUS_FD = 3  # in the child: where it reports its exit status just before exiting
 
 
@@ -342,8 +343,8 @@ def _prepare(req, workroot):
         finally:
             os.close(fd)
     for rel, content in (req.get("files") or {}).items():
-        path = os.path.normpath(os.path.join(workdir, rel))
-        if path.startswith(workdir + os.sep):
+        path = _place(workdir, rel)
+        if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(content.encode("latin-1"))
@@ -452,13 +453,21 @@ def _quietly(action):
         pass
 
 
+def _place(workdir, name):
+    """Where a request's file ``name`` lives: relative to the work directory and inside it, or
+    absolute inside a private scratch mount (as SandboxFusion, whose files may be absolute); else None."""
+    path = os.path.normpath(os.path.join(workdir, str(name)))
+    inside = [workdir] + [d for d in SCRATCHES if os.path.isabs(str(name))]
+    return path if any(path.startswith(d.rstrip(os.sep) + os.sep) for d in inside) else None
+
+
 def _fetch(workdir, names, limit):
-    """``{name: latin-1 text of its bytes}`` for the regular files among ``names`` (relative to the
-    work directory, inside it, at most ``limit`` bytes each and in all); others are left out."""
+    """``{name: latin-1 text of its bytes}`` for the regular files among ``names`` (see :func:`_place`;
+    at most ``limit`` bytes each and in all); others are left out."""
     out, left = {}, limit
     for name in names:
-        path = os.path.normpath(os.path.join(workdir, str(name)))
-        if not path.startswith(workdir + os.sep) or os.path.islink(path) or not os.path.isfile(path):
+        path = _place(workdir, name)
+        if not path or os.path.islink(path) or not os.path.isfile(path):
             continue
         try:
             with open(path, "rb") as f:
@@ -481,12 +490,12 @@ def serve_one(req, workroot, seccomp):
 def _clean(workroot, scratch=""):
     """Empty the work root and, where the sandbox has a private scratch /tmp, everything else in
     it: nothing a request writes survives into the next one."""
-    if scratch:
-        _quietly(lambda: os.chmod(scratch, 0o700))  # the code runs as our uid: it may change any mode
-        for name in os.listdir(scratch):
-            path = os.path.join(scratch, name)
+    for top in (SCRATCHES or (scratch,)) if scratch else ():
+        _quietly(lambda t=top: os.chmod(t, 0o700))  # the code runs as our uid: it may change any mode
+        for name in os.listdir(top):
+            path = os.path.join(top, name)
             if path != workroot or os.path.islink(path) or not os.path.isdir(path):
-                _remove(path, scratch)
+                _remove(path, top)
     if os.path.isdir(workroot):
         _quietly(lambda: os.chmod(workroot, 0o700))
         for name in os.listdir(workroot):
@@ -595,8 +604,9 @@ def main():
     CHILD_STDIO = _child_stdio()
     workroot = sys.argv[1]
     protected = [int(p) for p in sys.argv[2].split(",") if p] if len(sys.argv) > 2 else []
-    global SCRATCH
-    SCRATCH = sys.argv[3] if len(sys.argv) > 3 else ""
+    global SCRATCH, SCRATCHES
+    SCRATCHES = tuple(d for d in (sys.argv[3] if len(sys.argv) > 3 else "").split(":") if d)
+    SCRATCH = SCRATCHES[0] if SCRATCHES else ""
     os.makedirs(workroot, exist_ok=True)
     os.chdir(workroot)
     _prctl(PR_SET_DUMPABLE, 0, None, 0, 0)
