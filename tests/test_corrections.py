@@ -105,6 +105,18 @@ def test_dual_clip_3_caps_a_negative_advantage_tokens_loss():
     assert st["clip_dual"].tolist() == [[1.0, 0.0]]
 
 
+def test_ppo_ratio_is_clamped_like_verls_no_nan_from_a_masked_token_and_no_gradient_past_the_clamp():
+    # token 0: masked, log-ratio 100 (exp overflows float32); token 1: ratio 1; token 2: log-ratio 29, A < 0
+    logp = torch.tensor([[0.0, -1.0, -1.0]], requires_grad=True)
+    old, mask = torch.tensor([[-100.0, -1.0, -30.0]]), torch.tensor([[0.0, 1.0, 1.0]])
+    loss, _ = POLICY_LOSSES["ppo_clip"](logp, old, torch.tensor([-1.0]), 0.2, 0.2, None, mask_BT=mask)
+    total = AGGREGATIONS["token-mean"](loss, mask, Normaliser(num_tokens=2, num_seqs=1))
+    # verl: exp(clamp(d, -20, 20)): token 1 -> 1, token 2 -> e^20 (unclipped side, A = -1); (1 + e^20) / 2
+    assert total.item() == pytest.approx((1 + math.exp(20)) / 2, rel=1e-6)
+    total.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, 0.5, 0.0])  # past the clamp: no gradient (verl's too)
+
+
 # --- 5. the Dr. GRPO normaliser, and verl's ------------------------------------------------------
 
 def test_seq_mean_token_sum_norm_is_the_papers_and_token_sum_norm_is_verls():

@@ -23,6 +23,8 @@ class Normaliser:
     const_len: int = 1  # Dr. GRPO's constant normaliser (the response-token budget)
 
 
+_SAFETY = 20.0  # |log-ratio| cap before exp (verl's SAFETY_BOUND and the bound of its PPO ratio)
+
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 POLICY_LOSSES: dict[str, PolicyLossFn] = {}
 AggregationFn = Callable[[torch.Tensor, torch.Tensor, Normaliser], torch.Tensor]
@@ -58,8 +60,10 @@ def ppo_clip(
     """PPO's clipped surrogate, per token: ``max(-A r, -A clip(r, 1-clip_low, 1+clip_high))``
     with ``r = exp(logp - old_logp)``. Separate low/high ε allow DAPO's clip-higher.
     ``clip_ratio_c`` (dual-clip PPO, Ye et al. 2020): for A < 0 the loss is also capped at
-    ``-A c``, so one token with a huge ratio cannot dominate. ``adv`` is ``[B]`` or ``[B, T]``."""
-    ratio = torch.exp(logp_BT - old_logp_BT)
+    ``-A c``, so one token with a huge ratio cannot dominate. ``adv`` is ``[B]`` or ``[B, T]``.
+    The log-ratio is clamped to +-20 before ``exp`` (verl's ``compute_policy_loss_vanilla``): no
+    inf (and no NaN from ``inf * 0`` on a masked token), and no gradient past the clamp."""
+    ratio = torch.exp(torch.clamp(logp_BT - old_logp_BT, -_SAFETY, _SAFETY))
     a = _adv(adv, ratio)
     loss, stats = _clipped_surrogate(ratio, a, clip_low, clip_high)
     if clip_ratio_c is not None:
@@ -115,7 +119,7 @@ def cispo(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv: torch.Tensor, c
     per token, ``r = exp(clamp(logp - old_logp, -20, 20))`` (verl's ``cispo``): the importance weight
     is clipped and detached, so no token's gradient is dropped, only weighted. MiniMax clips only
     from above (a large ``clip_low``). Stats: ``clip_low``/``clip_high`` = the weight was cut."""
-    ratio = torch.exp(torch.clamp(logp_BT - old_logp_BT, -20.0, 20.0))
+    ratio = torch.exp(torch.clamp(logp_BT - old_logp_BT, -_SAFETY, _SAFETY))
     a = _adv(adv, logp_BT)
     w = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high).detach()
     stats = {"clip_low": (ratio < 1.0 - clip_low).float(), "clip_high": (ratio > 1.0 + clip_high).float(),
@@ -209,7 +213,6 @@ def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
 
 
 ROLLOUT_CORRECTIONS = ("off", "token_tis", "seq_tis", "seq_mis", "geo_mis")
-_SAFETY = 20.0  # |log-ratio| cap before exp (verl's SAFETY_BOUND)
 
 
 def rollout_correction(old_logp_BT: torch.Tensor, sampler_logp_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str,
