@@ -1,5 +1,5 @@
 """`tirl` as the distributed tests launch it (under torchrun, or alone): the real CLI, plus the
-test's deterministic stand-in reward (the parity of the first sampled token) and, when ``TIRL_TEST_FAIL=RANK:STEP`` is set, a simulated
+test's deterministic stand-in rewards (the parity of the first sampled token, or of the sum of all) and, when ``TIRL_TEST_FAIL=RANK:STEP`` is set, a simulated
 crash of that rank while it scores that step (only in torchrun's first attempt, so that a job run
 with ``--max-restarts`` comes back and resumes)."""
 
@@ -10,6 +10,8 @@ from tirl.cli import main
 from tirl.reward import register_term
 
 register_term("first_token_parity")(lambda traj, cfg: 1.0 if traj.token_ids[traj.prompt_len] % 2 else -1.0)
+# the parity of the sum of every sampled id: varies within a group even once the first token is settled
+register_term("token_sum_parity")(lambda traj, cfg: 1.0 if sum(traj.token_ids[traj.prompt_len:]) % 2 else -1.0)
 
 if os.environ.get("TIRL_TEST_FAIL") and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
     import tirl.train as T

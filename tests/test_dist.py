@@ -242,3 +242,54 @@ def test_two_nodes_on_localhost_train_the_embedded_model(toy, tmp_path):
     assert len((tmp_path / "runs" / "nodes" / "trajectories" / "step_000002.jsonl").read_text().splitlines()) == 4
     start = json.loads((tmp_path / "runs" / "nodes" / "events.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2
+
+
+@pytest.mark.slow  # ~5-8 min on 2 cores: each rank starts a vLLM engine (make test-all)
+@pytest.mark.vllm
+@pytest.mark.embedded
+def test_every_rank_rolls_out_with_its_own_vllm_and_it_follows_the_updates(toy, tmp_path):
+    """``rollout.engine = vllm`` under torchrun: each rank's vLLM runs its engine core in a process of
+    its own (a world of one), gets the gathered weights after every update through /dev/shm, and its
+    teardown leaves the trainer's process group alone. What the engines record matches what the
+    trainer recomputes on the updated weights at every step (a stale engine would drift from step 2)."""
+    pytest.importorskip("vllm")
+    from tirl.models import embedded_model_dir
+
+    model = embedded_model_dir("smollm2-135m-instruct")
+    data, _ = toy
+    args = _common(model, data, tmp_path / "runs", "vllm", **{
+        "rollout.engine": "vllm", "rollout.vllm_kv_cache_gb": 1, "train.steps": 3, "train.save_every": 0,
+        "rollout.prompts_per_step": 2, "rollout.group_size": 4, "rollout.max_tokens_per_turn": 16,
+        "rollout.max_response_tokens": 16, "optim.lr": 1e-4, "model.dtype": "float32",
+        "reward.terms": "{token_sum_parity = 1.0, correct = 0.0}"})
+    p = _run(args, ranks=2, timeout=900)
+    _ok(p)
+    assert "every rank starts its own" in p.stdout and p.stdout.count("vLLM ready") == 1  # said once, by the writer
+    rows = _rows(tmp_path / "runs" / "vllm")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    mismatch = [r["update/logprob_mismatch"] for r in rows]
+    assert max(mismatch) < 2e-3, mismatch
+
+
+def test_a_ranks_own_engine_process_sees_a_world_of_one_and_its_share_of_the_cores(monkeypatch):
+    """What a rank's vLLM engine core inherits (no process group made here: the env alone): no
+    torchrun variables, OpenMP bound to this rank's share of the node's cores, and everything back after."""
+    from tirl.dist import Dist
+
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    d = Dist(rank=1, world=2, local_rank=1, backend="gloo")
+    assert d.local_cpus() == [2, 3]
+    before = dict(os.environ)
+    with d.own_process_env("cpu") as put:
+        assert put == {"VLLM_CPU_OMP_THREADS_BIND": "2,3"} and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "2,3"
+        assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_RUN_ID"} & set(os.environ)
+    assert dict(os.environ) == before
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "5")  # the user's binding is kept
+    with d.own_process_env("cpu") as put:
+        assert put == {} and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "5"
+    with Dist().own_process_env("cpu") as put:  # one process: nothing changes
+        assert put == {} and os.environ["RANK"] == "1"

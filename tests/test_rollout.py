@@ -302,3 +302,28 @@ def test_vllm_engine_forgets_tracebacks_that_modules_keep_fake_module():
         assert fake._chained.__cause__.__traceback__ is None
     finally:
         del sys.modules[fake.__name__]
+
+
+def test_weights_for_an_out_of_process_vllm_are_written_in_files_of_bounded_size(tiny, tmp_path):
+    """Gathered tensors (a sharded trainer's) go to /dev/shm in files of about ``shard_bytes``, so the
+    writer never holds the whole model; every tensor, tied ones included, is in one of them."""
+    from safetensors.torch import load_file
+
+    from tirl.rollout.vllm_engine import _save_full_state
+
+    model, _ = tiny
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # (as full_tensor() gives them: fresh)
+    biggest = max(v.numel() * v.element_size() for v in state.values())
+    _save_full_state(model, str(tmp_path), tensors=iter(state.items()), shard_bytes=biggest)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) > 2 and (tmp_path / "config.json").exists()
+    back = {}
+    for f in files:
+        part = load_file(f)
+        assert sum(v.numel() * v.element_size() for v in part.values()) < 2 * biggest + 1
+        back.update(part)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    one = tmp_path / "one"
+    one.mkdir()
+    _save_full_state(model, str(one))  # the model's own tensors (one process): one file, as before
+    assert len(list(one.glob("*.safetensors"))) == 1

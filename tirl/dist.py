@@ -23,6 +23,7 @@ has); a rank short of batches runs a dummy one that adds nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -109,6 +110,44 @@ class Dist:
         """This rank's share of ``n`` per-node resources (sandbox lanes): at least 1."""
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.active else 1
         return max(1, n // local)
+
+    def local_cpus(self) -> list[int]:
+        """This rank's contiguous share of the CPUs this node's processes may use (at least one)."""
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.active else 1
+        lr, n = self.local_rank % local, len(cpus)
+        return cpus[lr * n // local:(lr + 1) * n // local] or [cpus[lr % n]]
+
+    @contextlib.contextmanager
+    def own_process_env(self, device: str) -> Iterator[dict[str, str]]:
+        """The environment while this rank starts a process of its own (its vLLM engine core), restored
+        after: the torchrun variables are hidden (that process is a world of one, not a rank of this
+        job); on CUDA only this rank's GPU is visible to it; on CPU vLLM's OpenMP threads are bound to
+        this rank's share of the node's cores (unless ``VLLM_CPU_OMP_THREADS_BIND`` is set). A no-op
+        at world size 1. Yields the variables it set."""
+        if not self.active:
+            yield {}
+            return
+        hide = [k for k in os.environ if k in _TORCHRUN_VARS or k.startswith("TORCHELASTIC_")]
+        put: dict[str, str] = {}
+        if device.startswith("cuda"):
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            put["CUDA_VISIBLE_DEVICES"] = ids[self.local_rank % len(ids)]
+        elif "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            put["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.local_cpus()))
+        saved = {k: os.environ.get(k) for k in [*hide, *put]}
+        try:
+            for k in hide:
+                os.environ.pop(k, None)
+            os.environ.update(put)
+            yield put
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def writer_only(self, obj: T) -> T:
         """``obj`` on the writer; elsewhere a stand-in whose every method does nothing."""
@@ -294,6 +333,10 @@ class Dist:
             if td.is_initialized():
                 td.barrier()  # every rank tears gloo down together (one leaving early aborted another's teardown)
                 td.destroy_process_group()
+
+
+_TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def _attempt_store(rank: int, world: int, timeout_s: float):

