@@ -1,8 +1,8 @@
 """The zygote: a warm interpreter that forks one child per request. Runs INSIDE the sandbox.
 
 Standalone on purpose (stdlib + numpy/sympy only, no tirl imports): the pool starts it as
-``python3 -I -c <this file's source> WORKROOT PROTECTED_PIDS [SCRATCH]`` inside bubblewrap, as a
-dedicated uid, where the tirl package is not visible (SCRATCH: bubblewrap's private /tmp, wiped
+``python3 -I -c <this file's source> WORKROOT PROTECTED_PIDS [SCRATCH:...]`` inside bubblewrap, as a
+dedicated uid, where the tirl package is not visible (SCRATCH:...: bubblewrap's private /tmp and /mnt, wiped
 after every request).
 
 Protocol on stdin/stdout: frames of a 4-byte big-endian length + UTF-8 JSON. The zygote first
@@ -175,8 +175,7 @@ def install_seccomp(seccomp):
 
 
 PROTO_IN, PROTO_OUT = 0, 1  # replaced in main() by private copies
-SCRATCH = ""  # a private /tmp (bubblewrap's) that is wiped after every request; "" outside bwrap
-SCRATCHES = ()  # every private writable mount (SCRATCH first, then e.g. /mnt), all wiped after every request
+SCRATCHES = ()  # bubblewrap's private writable mounts (/tmp, /mnt), wiped after every request; () outside bwrap
 STATUS_FD = 3  # in the child: where it reports its exit status just before exiting
 
 
@@ -442,7 +441,7 @@ class _Run:
         kill_descendants()  # grandchildren, daemons, orphans re-parented to us
         for fd in (self.out_r, self.err_r, self.st_r, self.pidfd):
             _quietly(lambda fd=fd: os.close(fd))
-        _clean(self.workroot, SCRATCH)
+        _clean(self.workroot)
 
 
 def _quietly(action):
@@ -487,10 +486,10 @@ def serve_one(req, workroot, seccomp):
     return run.response(), run.finish
 
 
-def _clean(workroot, scratch=""):
-    """Empty the work root and, where the sandbox has a private scratch /tmp, everything else in
-    it: nothing a request writes survives into the next one."""
-    for top in (SCRATCHES or (scratch,)) if scratch else ():
+def _clean(workroot):
+    """Empty the work root and, where the sandbox has private scratch mounts (:data:`SCRATCHES`:
+    its /tmp, /mnt), everything else in them: nothing a request writes survives into the next one."""
+    for top in SCRATCHES:
         _quietly(lambda t=top: os.chmod(t, 0o700))  # the code runs as our uid: it may change any mode
         for name in os.listdir(top):
             path = os.path.join(top, name)
@@ -500,7 +499,7 @@ def _clean(workroot, scratch=""):
         _quietly(lambda: os.chmod(workroot, 0o700))
         for name in os.listdir(workroot):
             _remove(os.path.join(workroot, name), workroot)
-    if scratch and os.path.isdir(SHM):  # bubblewrap's private /dev/shm (semaphores of multiprocessing)
+    if SCRATCHES and os.path.isdir(SHM):  # bubblewrap's private /dev/shm (semaphores of multiprocessing)
         for name in os.listdir(SHM):
             _remove(os.path.join(SHM, name), SHM)
 
@@ -604,9 +603,8 @@ def main():
     CHILD_STDIO = _child_stdio()
     workroot = sys.argv[1]
     protected = [int(p) for p in sys.argv[2].split(",") if p] if len(sys.argv) > 2 else []
-    global SCRATCH, SCRATCHES
+    global SCRATCHES
     SCRATCHES = tuple(d for d in (sys.argv[3] if len(sys.argv) > 3 else "").split(":") if d)
-    SCRATCH = SCRATCHES[0] if SCRATCHES else ""
     os.makedirs(workroot, exist_ok=True)
     os.chdir(workroot)
     _prctl(PR_SET_DUMPABLE, 0, None, 0, 0)
