@@ -32,6 +32,9 @@ def _common(tiny_model_dir: Path, data: Path, out: Path, name: str, **extra) -> 
         "algo.dynamic_sampling": True, "algo.resample_on_correct": 2,  # batch decisions that must agree across ranks
         "rollout.max_response_tokens": 48, "rollout.temperature": 1.0, "optim.lr": 1e-3, "optim.micro_batch_size": 2,
         "train.steps": 3, "train.save_every": 1, "reward.terms": "{first_token_parity = 1.0, correct = 0.0}",
+        # AdamW with its default eps 1e-8 moves a weight whose gradient nearly cancels (|g| ~ 1e-9) by
+        # up to lr: summation order alone (2 shards vs 1) then changed one weight in 8192 by 1.2e-5
+        "optim.eps": 1e-6,
     }
     base.update(extra)
     args = ["--config", "demo", "--no-progress", "--no-report"]
@@ -52,6 +55,34 @@ def _run(args: list[str], ranks: int = 0, torchrun: list[str] | None = None, tim
     else:
         cmd = [sys.executable, str(ENTRY), "train", *args]
     return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _run_both(one: list[str], two: list[str], timeout: float = 240) -> None:
+    """``tirl train ONE`` alone and ``TWO`` under ``torchrun --nproc-per-node 2``, side by side (each
+    job spends most of its time starting up, so the pair takes little more than the longer one)."""
+    cmds = [[sys.executable, str(ENTRY), "train", *one],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ENTRY),
+             "train", *two]]
+    _ok_all(cmds, timeout)
+
+
+def _ok_all(cmds: list[list[str]], timeout: float) -> None:
+    """Run ``cmds`` at the same time; each must succeed (its output's tail is the message if not)."""
+    import tempfile
+
+    logs = [tempfile.TemporaryFile("w+") for _ in cmds]  # (not pipes: a full one would stall its job)
+    procs = [subprocess.Popen(c, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+             for c, log in zip(cmds, logs)]
+    try:
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        log.seek(0)
+        assert p.returncode == 0, log.read()[-6000:]
 
 
 def _ok(p: subprocess.CompletedProcess) -> None:
@@ -103,8 +134,7 @@ def toy(tmp_path_factory) -> tuple[Path, Path]:
 def grpo(tiny_model_dir, toy) -> dict[str, Path]:
     """One process, 3 steps (checkpoints after each), and the same under torchrun with 2 ranks."""
     data, out = toy
-    _ok(_run(_common(tiny_model_dir, data, out, "one")))
-    _ok(_run(_common(tiny_model_dir, data, out, "two"), ranks=2))
+    _run_both(_common(tiny_model_dir, data, out, "one"), _common(tiny_model_dir, data, out, "two"))
     return {"one": out / "one", "two": out / "two"}
 
 
@@ -129,35 +159,31 @@ def test_two_ranks_equal_one_rank_grpo(grpo):
 
 
 def test_ppo_with_a_critic_two_ranks_equal_one_rank(tiny_model_dir, toy):
-    """PPO with a critic (GAE whitened over every rank's tokens, the value loss over the global
-    batch) and a KL reference, both sharded like the policy."""
+    """ReTool's shape: SFT first (``sft.before_rl``, each rank on its share of the traces), then PPO
+    with a critic (GAE whitened over every rank's tokens, the value loss over the global batch) and
+    a KL reference. Under torchrun the critic and the reference are built empty and sharded, then
+    filled from the policy's shards after SFT, and each rank's engine gets the SFT weights."""
     data, out = toy
-    extra = {"algo.advantage": "gae", "algo.critic_lr": 1e-3, "algo.kl_coef": 0.05, "train.save_every": 0}
-    _ok(_run(_common(tiny_model_dir, data, out, "ppo-one", **extra)))
-    _ok(_run(_common(tiny_model_dir, data, out, "ppo-two", **extra), ranks=2))
+    extra = {"algo.advantage": "gae", "algo.critic_lr": 1e-3, "algo.kl_coef": 0.05, "train.save_every": 0,
+             "sft.before_rl": "true", "sft.data": "synthetic:code", "sft.num_traces": 8, "sft.steps": 2,
+             "sft.batch_size": 4, "sft.lr": 1e-3}
+    _run_both(_common(tiny_model_dir, data, out, "ppo-one", **extra), _common(tiny_model_dir, data, out, "ppo-two", **extra))
     _assert_same_weights(out / "ppo-one", out / "ppo-two")
     _assert_same_rows(out / "ppo-one", out / "ppo-two", [1, 2, 3])
     assert _rows(out / "ppo-two")[-1]["update/critic/value_loss"] > 0
 
 
-def test_a_checkpoint_of_one_rank_resumes_at_two(grpo, tmp_path):
-    """1 -> 2: the single process's checkpoint after step 2, resumed by 2 ranks to step 3, ends
-    with the uninterrupted run's weights."""
-    run = tmp_path / "one"
-    shutil.copytree(grpo["one"], run)
-    _ok(_run(["--resume", str(run / "checkpoint-2"), "--no-progress", "--no-report"], ranks=2))
-    _assert_same_weights(grpo["one"], run)
-    _assert_same_rows(grpo["one"], run, [3])
-
-
-def test_a_checkpoint_of_two_ranks_resumes_at_one(grpo, tmp_path):
-    """2 -> 1: the checkpoint the 2 ranks wrote after step 2, resumed by one process to step 3,
-    ends with the uninterrupted run's weights."""
-    run = tmp_path / "two"
-    shutil.copytree(grpo["two"], run)
-    _ok(_run(["--resume", str(run / "checkpoint-2"), "--no-progress", "--no-report"]))
-    _assert_same_weights(grpo["one"], run)
-    _assert_same_rows(grpo["one"], run, [3])
+def test_checkpoints_resume_at_the_other_world_size(grpo, tmp_path):
+    """1 -> 2: the single process's checkpoint after step 2, resumed by 2 ranks to step 3; and
+    2 -> 1: the 2 ranks' checkpoint after step 2, resumed by one process (the two jobs side by
+    side). Each ends with the uninterrupted run's weights and its step-3 metrics."""
+    for name in ("one", "two"):
+        shutil.copytree(grpo[name], tmp_path / name)
+    resume = lambda name: ["--resume", str(tmp_path / name / "checkpoint-2"), "--no-progress", "--no-report"]  # noqa: E731
+    _run_both(resume("two"), resume("one"))  # (2 -> 1 alone, 1 -> 2 under torchrun)
+    for name in ("one", "two"):
+        _assert_same_weights(grpo["one"], tmp_path / name)
+        _assert_same_rows(grpo["one"], tmp_path / name, [3])
 
 
 def test_a_failing_rank_ends_the_attempt_and_max_restarts_resumes_the_run(tiny_model_dir, toy, grpo):
@@ -192,17 +218,46 @@ def test_sft_two_ranks_equal_one_rank(tiny_model_dir, tmp_path):
                                         f"print({i} * 7)\n```\n```output\n{i * 7}\n```\nSo \\boxed{{{i * 7}}}."}) + "\n"
                             for i in range(12)))
     args = ["--no-progress", f"model.name={json.dumps(str(tiny_model_dir))}", f"sft.data={json.dumps(str(data))}",
-            "sft.steps=3", "sft.batch_size=6", "optim.micro_batch_size=2", "sft.lr=1e-3",
+            "sft.steps=3", "sft.batch_size=6", "optim.micro_batch_size=2", "sft.lr=1e-3", "optim.eps=1e-6",
             f"train.output_dir={json.dumps(str(tmp_path / 'runs'))}"]
-    for name, cmd in (("one", [sys.executable, "-m", "tirl", "sft"]),
-                      ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "-m", "tirl", "sft"])):
-        _ok(subprocess.run([*cmd, *args, f"train.run_name={name}"], cwd=REPO, env=_env(), capture_output=True,
-                           text=True, timeout=240))
+    jobs = (("one", [sys.executable, "-m", "tirl", "sft"]),
+            ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                     "-m", "tirl", "sft"]))
+    _ok_all([[*cmd, *args, f"train.run_name={name}"] for name, cmd in jobs], 240)
     _assert_same_weights(tmp_path / "runs" / "one", tmp_path / "runs" / "two")
     _assert_same_rows(tmp_path / "runs" / "one", tmp_path / "runs" / "two", [1, 2, 3])
     config = json.loads((tmp_path / "runs" / "two" / "checkpoint" / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]  # not FSDP's wrapper class
+
+
+def test_under_torchrun_no_rank_holds_the_whole_model_while_loading_it(tiny_model_dir, tmp_path):
+    """``model.sharded_load`` (the default): each rank builds the model empty, shards it, then reads
+    its shards from the safetensors one tensor at a time. Measured on a random-init Qwen2 shape of
+    233 MB with 2 ranks (``tests/dist_load_entry.py``, each rank's peak resident memory over the
+    load): a rank grows by its half and about one tensor, where loading it whole (the same job,
+    ``sharded_load = false``) grows by more than the model. The shards hold the checkpoint exactly."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12,
+                                 num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=False)).save_pretrained(model)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, model / f.name)
+    size = (model / "model.safetensors").stat().st_size
+    largest = 768 * 3072 * 4
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "tests" / "dist_load_entry.py"), str(model), str(tmp_path)]
+    _ok(subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180))
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert r["worst_difference"] == 0.0
+        assert r["local_shard_bytes"] < 0.51 * size
+        assert r["whole_peak_growth"] > size, r  # (the measurement sees a whole model when there is one)
+        assert r["sharded_peak_growth"] < r["local_shard_bytes"] + 2 * largest + 32 * 2**20, r
+        assert r["sharded_peak_growth"] < 0.6 * r["whole_peak_growth"], r
 
 
 def _free_port() -> int:
@@ -214,7 +269,8 @@ def _free_port() -> int:
 @pytest.mark.embedded
 def test_two_nodes_on_localhost_train_the_embedded_model(toy, tmp_path):
     """Two torchrun agents, each a node of one process (``--nnodes 2``, c10d rendezvous on
-    127.0.0.1), run 2 steps of the embedded SmolLM2-135M."""
+    127.0.0.1), run 2 steps of the embedded SmolLM2-135M (in bfloat16: a float32 update, mostly
+    gloo moving 4-byte shards on 2 cores, made the test ~30 s longer)."""
     from tirl.models import embedded_model_dir
 
     model = embedded_model_dir("smollm2-135m-instruct")  # converted once, before the agents start
@@ -222,7 +278,7 @@ def test_two_nodes_on_localhost_train_the_embedded_model(toy, tmp_path):
     port = _free_port()
     args = _common(model, data, tmp_path / "runs", "nodes", **{
         "train.steps": 2, "train.save_every": 0, "rollout.prompts_per_step": 2, "rollout.group_size": 2,
-        "rollout.max_tokens_per_turn": 8, "rollout.max_response_tokens": 8, "optim.lr": 1e-5})
+        "rollout.max_tokens_per_turn": 8, "rollout.max_response_tokens": 8, "optim.lr": 1e-5, "model.dtype": "bfloat16"})
     agents = []
     for node in (0, 1):
         rdzv = ["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",

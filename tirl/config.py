@@ -39,6 +39,11 @@ class ModelConfig(_Strict):
     """Where the policy (and reference, critic) train and the Hugging Face engine generates:
     ``auto`` (the first CUDA GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     vLLM places itself (``rollout.vllm_*``)."""
+    sharded_load: bool = True
+    """Under torchrun: build the policy (reference, critic) empty, shard it, then read each rank's
+    shards from the model's safetensors one tensor at a time, so no rank ever holds the whole
+    model (a 32B model is 128 GB in float32). ``false``, or a model without safetensors: every
+    rank loads it whole with ``from_pretrained``, then shards it."""
 
     @model_validator(mode="after")
     def _check_compute(self) -> "ModelConfig":
@@ -246,6 +251,9 @@ class OptimConfig(_Strict):
     lr: float = Field(default=1e-6, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    """AdamW's epsilon (PyTorch's default). A gradient much smaller than it moves its weight by less
+    than ``lr``: a larger one (1e-6) damps the steps of nearly cancelled gradients."""
     grad_clip: float = Field(default=1.0, gt=0)
     micro_batch_size: int = Field(default=4, ge=1)
     """Trajectories per forward/backward pass (ignored when ``max_tokens_per_micro_batch`` is set)."""

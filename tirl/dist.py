@@ -235,6 +235,42 @@ class Dist:
                 sub.set_force_sum_reduction_for_comms(True)  # no reliance on gloo's AVG (pytorch#162338)
         return module
 
+    def materialize(self, module: torch.nn.Module, device: str, full_of: Callable[[str], torch.Tensor]) -> None:
+        """Storage on ``device`` for a module built empty (parameters on the meta device, see
+        ``load_model(empty=True)``) and sharded, then every parameter filled with this rank's shard
+        of ``full_of(name)``: one full tensor at a time, each rank slicing its own shard out of it
+        (no communication unless ``full_of`` gathers). Buffers keep the values they were built with
+        (the rotary frequencies, which a checkpoint does not hold)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        kept = {n: b.detach().clone() for n, b in module.named_buffers() if not b.is_meta}
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in kept:
+                    b.copy_(kept[name])
+            for name, p in module.named_parameters():
+                full = full_of(name)
+                if tuple(full.shape) != tuple(p.shape):
+                    raise ValueError(f"{name}: the checkpoint's tensor is {tuple(full.shape)}, the model's {tuple(p.shape)}")
+                full = full.to(device=device, dtype=p.dtype)
+                if isinstance(p, DTensor):
+                    full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+                p.copy_(full)
+                del full
+
+    @staticmethod
+    def gathered(module: torch.nn.Module) -> Callable[[str], torch.Tensor]:
+        """``name -> full tensor`` of ``module``'s parameters (a sharded one gathered when asked
+        for: a collective, so every rank must ask for the same names in the same order)."""
+        params = dict(module.named_parameters())
+
+        def full(name: str) -> torch.Tensor:
+            t = params[name].detach()
+            return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+        return full
+
     def replicate(self, module: torch.nn.Module) -> None:
         """Every rank's ``module`` takes the writer's parameters and buffers (before sharding)."""
         if not self.active:

@@ -124,17 +124,21 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None, device: str = "cpu",
-               compute_dtype: str = "auto"):
+               compute_dtype: str = "auto", empty: bool = False):
     """Load ``(model, tokenizer)`` onto ``device`` (``auto``: a GPU if there is one), weights in
     ``dtype``, forward passes in ``compute_dtype`` (see :func:`set_compute_dtype`); errors name the
-    model and what to do."""
+    model and what to do. ``empty``: the model is built from its config with every parameter on
+    the meta device (no storage, nothing read; buffers such as the rotary frequencies are real, on
+    the CPU): for sharding first and then reading each rank's shards (:class:`CheckpointWeights`,
+    ``Dist.materialize``), so no process ever holds the whole model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
     where = resolve_model_path(name, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype])
+        model = _empty_model(where, _DTYPES[dtype]) if empty else AutoModelForCausalLM.from_pretrained(
+            where, dtype=_DTYPES[dtype])
     except (OSError, ValueError) as e:
         if Path(where).exists():
             raise TirlError(f"could not load the model in {where}: {e}") from None
@@ -147,9 +151,69 @@ def load_model(name: str, dtype: str = "float32", cache_dir: str | None = None, 
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device)
+    if not empty:
+        model = model.to(device)
     set_compute_dtype(model, compute_dtype)
     return model, tokenizer
+
+
+def _empty_model(where: str, dtype: torch.dtype):
+    """The model of ``where``'s config, parameters on the meta device, as ``from_pretrained``
+    would return it otherwise (eval mode, the folder's generation config)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(where)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # (from_pretrained ties them after loading; from_config leaves them apart)
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(where)
+    return model.eval()
+
+
+class CheckpointWeights:
+    """A model's tensors by parameter name, read from its safetensors files one at a time
+    (memory-mapped: a rank that slices its shard out of a tensor reads that tensor alone, a copy). Names
+    the module uses but the files spell without the base model's prefix (a checkpoint of the bare
+    transformer) are found too. ``None`` from :meth:`open` when the model has no safetensors."""
+
+    def __init__(self, files: dict[str, Path], prefix: str = ""):
+        self.files, self.prefix = files, prefix
+
+    @classmethod
+    def open(cls, name: str, cache_dir: str | None = None, prefix: str = "") -> "CheckpointWeights | None":
+        import json
+
+        where = Path(resolve_model_path(name, cache_dir))
+        if not where.exists():  # a hub id: the snapshot from_pretrained would have fetched
+            from huggingface_hub import snapshot_download
+
+            where = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+        index = where / "model.safetensors.index.json"
+        if index.is_file():
+            return cls({k: where / f for k, f in json.loads(index.read_text())["weight_map"].items()}, prefix)
+        single = where / "model.safetensors"
+        if not single.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return cls({k: single for k in f.keys()}, prefix)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        key = name
+        if key not in self.files and self.prefix and key.startswith(self.prefix + "."):
+            key = key[len(self.prefix) + 1:]
+        if key not in self.files:
+            some = ", ".join(sorted(self.files)[:3])
+            raise TirlError(f"the checkpoint has no tensor for the model's parameter {name!r} (its names look like "
+                            f"{some}, ...). Fix: model.sharded_load=false (every rank reads the whole model "
+                            "through from_pretrained, which knows the model's own renamings)")
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), framework="pt") as f:  # (unmapped after each tensor: the file's
+            return f.get_tensor(key)                                  # pages do not pile up in this process)
 
 
 def set_compute_dtype(module, dtype: str) -> None:
@@ -172,3 +236,25 @@ def compute_context(module):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=next(module.parameters()).device.type, dtype=dtype)
+
+
+def load_policy(mc, dist, device: str):
+    """``(model, tokenizer)`` for training, as the ``[model]`` config ``mc`` says, on this rank's
+    ``device``. One process: :func:`load_model`. Under torchrun the model comes back sharded by
+    ``dist``: built empty and filled shard by shard from its safetensors (``mc.sharded_load``), or,
+    for a model without them, loaded whole on every rank, made equal to the writer's, then sharded."""
+    from tirl.dist import say
+
+    weights = CheckpointWeights.open(mc.name, mc.cache_dir) if dist.active and mc.sharded_load else None
+    if dist.active and mc.sharded_load and weights is None:
+        say(f"[tirl] {mc.name} has no safetensors: every rank loads the whole model, then shards it")
+    model, tok = load_model(mc.name, mc.dtype, mc.cache_dir, device, mc.compute, empty=weights is not None)
+    if mc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if weights is None:
+        dist.replicate(model)  # (a weight the checkpoint lacks is initialised at random, differently per rank)
+        return dist.shard(model), tok
+    weights.prefix = model.base_model_prefix
+    model = dist.shard(model)
+    dist.materialize(model, device, weights)
+    return model, tok

@@ -206,22 +206,21 @@ def run_sft(cfg: Config, progress: bool = True, model=None, tok=None,
     step's batch split between the ranks."""
     from tqdm.auto import tqdm
 
-    from tirl.models import load_model, resolve_device
+    from tirl.models import load_policy, resolve_device
 
     s = cfg.sft
     if not s.data:
         raise TirlError("sft.data is not set: pass sft.data=traces.jsonl")
-    if model is None:
-        model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir,
-                                dist.device(resolve_device(cfg.model.device)), cfg.model.compute)
-        model = dist.shard(model)
+    if model is None:  # (sharded under torchrun)
+        model, tok = load_policy(cfg.model, dist, dist.device(resolve_device(cfg.model.device)))
     protocol = get_protocol(cfg.rollout.protocol, tok)
     if s.data.startswith("synthetic:"):
         rows = synthetic_traces(cfg, dist.say if progress else (lambda _msg: None))
         examples = examples_from_rows(list(enumerate(rows, 1)), tok, protocol, s.max_len, s.data)
     else:
         examples = load_examples(s.data, tok, protocol, s.max_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=cfg.optim.weight_decay)
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     rng = random.Random(cfg.train.seed)
     steps_per_epoch = max(1, len(examples) // s.batch_size)
     total = s.steps or s.epochs * steps_per_epoch

@@ -29,7 +29,7 @@ from tirl.dist import Dist
 from tirl.eval import per_source_metrics, rollout_metrics
 from tirl.eval.runner import evaluate
 from tirl.loss import AGGREGATIONS, POLICY_LOSSES
-from tirl.models import load_model, resolve_device
+from tirl.models import load_model, load_policy, resolve_device
 from tirl.prompt import CODE_INTERPRETER_TOOL, render_prompt
 from tirl.reward import Verifier, check_terms, score
 from tirl.rollout import RolloutLimits, SamplingParams, resolve_mode, rollout
@@ -67,8 +67,10 @@ def make_engine(cfg: Config, model, tok, dist: Dist | None = None):
         engine = _start_vllm(cfg, model, tok, dist if sharded else None)
         if engine is not None:
             return engine
-    if sharded:
-        return HFEngine(copy.deepcopy(model), tok, r.generation_batch_size, own_weights=True)
+    if sharded:  # a whole copy of its own, read from the model's files (the trainer's is sharded)
+        m = cfg.model
+        whole, _ = load_model(m.name, m.dtype, m.cache_dir, str(device_of(model)), m.compute)
+        return HFEngine(whole, tok, r.generation_batch_size, own_weights=True)
     return HFEngine(model, tok, r.generation_batch_size)
 
 
@@ -106,8 +108,6 @@ def _start_vllm(cfg: Config, model, tok, dist: Dist | None):
         return None
     say(f"[tirl] vLLM ready in {time.perf_counter() - t0:.0f} s")
     engine.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if cfg.sft.before_rl and cfg.sft.data:
-        engine.load_weights(model, engine.weight_sync or r.weight_sync)  # SFT already moved the weights (not sharded yet)
     return engine
 
 
@@ -137,25 +137,20 @@ class Trainer:
         self.sampler = ProblemSampler(build_problems(  # the same problems, in the same order, on every rank
             d.source, problem_field=d.problem_field, answer_field=d.answer_field, id_field=d.id_field,
             limit=d.limit, num_synthetic=d.num_synthetic, difficulty=d.difficulty, seed=d.seed), seed=cfg.train.seed)
-        self.model, self.tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.cache_dir, dist.device(device),
-                                          cfg.model.compute)
-        if cfg.model.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.model, self.tok = load_policy(cfg.model, dist, dist.device(device))  # (sharded under torchrun)
         self.sft_log: list[dict[str, float]] = []
-        if cfg.sft.before_rl and cfg.sft.data:  # ReTool stage 1, then RL on the same weights
+        sft = bool(cfg.sft.before_rl and cfg.sft.data)
+        if sft:  # ReTool stage 1, then RL on the same weights
             from tirl.sft import run_sft
 
-            _, _, self.sft_log = run_sft(cfg, progress=progress, model=self.model, tok=self.tok)
-        dist.replicate(self.model)  # every rank starts from the writer's weights
-        self.critic = None
-        if cfg.algo.advantage == "gae":
-            self.critic = dist.shard(ValueModel(self.model), layers_of=self.model)
+            _, _, self.sft_log = run_sft(cfg, progress=progress, model=self.model, tok=self.tok, dist=dist)
+        self.critic = self._copy_of_policy("critic") if cfg.algo.advantage == "gae" else None
+        if self.critic is not None:
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.algo.critic_lr)
-        self.ref_model = None
-        if cfg.algo.kl_coef > 0:  # a frozen copy of the initial policy
-            self.ref_model = dist.shard(copy.deepcopy(self.model).eval().requires_grad_(False))
+        self.ref_model = self._copy_of_policy("reference") if cfg.algo.kl_coef > 0 else None
         self.engine = make_engine(cfg, self.model, self.tok, dist)
-        self.model = dist.shard(self.model)
+        if sft:
+            self._sync_engine()  # an engine with its own copy read the weights from before SFT
         try:
             self.protocol = get_protocol(cfg.rollout.protocol, self.tok)
         except ValueError as e:
@@ -164,7 +159,8 @@ class Trainer:
         self.sandbox = make_sandbox(s.model_copy(update={"lanes": dist.node_share(s.lanes)}))
         self.verifier = Verifier(cfg.reward.verifier_workers, cfg.reward.verifier_timeout_s)
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                           weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda i: min(1.0, (i + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
         r = cfg.rollout
@@ -280,6 +276,26 @@ class Trainer:
                    "time/tools": timing["tools"], "time/reward": timing["reward"],
                    "time/update": time.perf_counter() - t0 - t_sync, "time/sync": t_sync}
         return metrics, everyone
+
+    def _copy_of_policy(self, what: str) -> torch.nn.Module:
+        """The PPO critic (the policy's body and a zero value head) or the KL reference (a frozen
+        copy), from the policy's current weights. Under torchrun, built empty and sharded, then
+        filled from the policy's shards, one gathered tensor at a time."""
+        m, dist = self.cfg.model, self.dist
+        if not dist.active:
+            return ValueModel(self.model) if what == "critic" else copy.deepcopy(self.model).eval().requires_grad_(False)
+        device = device_of(self.model)
+        empty, _ = load_model(m.name, m.dtype, m.cache_dir, str(device), m.compute, empty=True)
+        policy = dist.gathered(self.model)
+        if what == "reference":
+            ref = dist.shard(empty.eval().requires_grad_(False))
+            dist.materialize(ref, device, policy)
+            return ref
+        if m.gradient_checkpointing:
+            empty.gradient_checkpointing_enable()
+        critic = dist.shard(ValueModel(empty), layers_of=empty)
+        dist.materialize(critic, device, lambda name: critic.initial(name, policy))
+        return critic
 
     def _sync_engine(self) -> float:
         """The trainer's new weights into an engine with its own copy (vLLM; a rank's HF engine),

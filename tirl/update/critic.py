@@ -8,6 +8,7 @@ chosen, i.e. it is read from the hidden state at t-1, aligned with ``token_logpr
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,12 +25,20 @@ class ValueModel(nn.Module):
     def __init__(self, policy):
         super().__init__()
         self.body = copy.deepcopy(policy.base_model)
+        self.body_prefix = policy.base_model_prefix  # the body's names in the policy: "model.layers.0..."
         self.head = nn.Linear(policy.config.hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.body.float()
         self.head.float().to(device_of(policy))
         self.tirl_compute_dtype = getattr(policy, "tirl_compute_dtype", None)  # the policy's mixed precision
+
+    def initial(self, name: str, policy: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The starting value of parameter ``name``: the policy's tensor (``policy(name)``) for the
+        body, zeros for the head (for a critic built empty, then filled: ``Dist.materialize``)."""
+        if name.startswith("head."):
+            return torch.zeros(getattr(self.head, name.removeprefix("head.")).shape)
+        return policy(f"{self.body_prefix}.{name.removeprefix('body.')}")
 
     def forward(self, lay: Layout | torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T]`` values of the sequences of ``lay`` (padded or packed), column 0 and padding 0;
