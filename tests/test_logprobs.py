@@ -84,6 +84,60 @@ def test_packed_equals_padded_values_and_gradients(tiny_model_dir):
         assert torch.allclose(g, out[False][2][name], atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_the_head_on_the_sampled_tokens_alone_gives_their_logprobs_and_gradients(tiny_model_dir, pack):
+    """``masks``: the LM head runs on the mask-1 tokens alone (``Layout.only``): their log-probs and
+    entropies are those of the head on every token, everything else is 0, and a masked loss has
+    the same gradients. A sequence with no sampled token is fine (nothing of it is predicted)."""
+    model, tok = load_model(str(tiny_model_dir))
+    trajs = _tool_trajs(len(tok))
+    trajs[4].mask = [0] * len(trajs[4].mask)
+    ids, masks = [t.token_ids for t in trajs], [t.mask for t in trajs]
+    keep = torch.zeros(len(ids), max(map(len, ids)))
+    for i, m in enumerate(masks):
+        keep[i, : len(m)] = torch.tensor(m, dtype=torch.float)
+    out = {}
+    for only in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp, ent = logprobs_of_sequences(model, ids, 0, 0.7, with_entropy=True, pack=pack, chunk=5,
+                                          masks=masks if only else None)
+        ((logp * keep).sum() + (ent * keep).sum()).backward()
+        out[only] = logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.equal(out[True][0] * (1 - keep), torch.zeros_like(keep)) and not out[True][0][4].any()
+    assert torch.allclose(out[True][0], out[False][0] * keep, atol=1e-6)
+    assert torch.allclose(out[True][1], out[False][1] * keep, atol=1e-6)
+    for name, g in out[True][2].items():
+        assert torch.allclose(g, out[False][2][name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum-norm"])
+def test_the_update_is_the_same_with_the_head_on_every_token_fake_layout(tiny_model_dir, monkeypatch, aggregation):
+    """``policy_update`` predicts the sampled tokens alone; with ``Layout.only`` replaced by the
+    identity (the head on every token, the earlier behaviour) the weights after the update are the
+    same, with a KL reference and the entropy bonus in the loss."""
+    from tirl.update.logprobs import Layout
+
+    model, tok = load_model(str(tiny_model_dir))
+    trajs = _tool_trajs(len(tok))
+    ref = [[-0.5] * len(t.token_ids) for t in trajs]
+    adv = [1.0, -0.5, 0.0, 0.8, -1.0, 0.3]
+    algo = AlgoConfig(aggregation=aggregation, entropy_coef=0.01, kl_coef=0.1, kl_in="loss")
+    optim = OptimConfig(max_tokens_per_micro_batch=40, logprob_chunk=8, grad_clip=1e9)
+
+    def run():
+        m = copy.deepcopy(model)
+        policy_update(m, torch.optim.SGD(m.parameters(), lr=1.0), trajs, adv, algo, optim, temperature=0.8, pad_id=0,
+                      ref_logprobs=ref)
+        return {n: p.detach() for n, p in m.named_parameters()}
+
+    alone = run()
+    monkeypatch.setattr(Layout, "only", lambda self, mask: self)
+    every = run()
+    for name, w in alone.items():
+        assert torch.allclose(w, every[name], atol=1e-6, rtol=1e-5), name
+    assert any(not torch.equal(w, model.state_dict()[n]) for n, w in alone.items())
+
+
 def test_chunked_head_under_bfloat16_autocast_matches_full_logits(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir), "float32", compute_dtype="bfloat16")
     ids = [t.token_ids for t in _tool_trajs(len(tok))]

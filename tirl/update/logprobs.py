@@ -20,7 +20,7 @@ and padding 0.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -143,6 +143,15 @@ class Layout:
     dst: torch.Tensor  # [M]
     shape: tuple[int, int]  # (B, T)
 
+    def only(self, mask_BT: torch.Tensor | None) -> "Layout":
+        """The same rows, predicting only the tokens where ``mask_BT [B, T]`` is set (the sampled
+        ones): the LM head then runs on those positions alone (not on the prompt or the tool
+        outputs, whose log-probs nothing reads), and the result is 0 elsewhere."""
+        if mask_BT is None:
+            return self
+        keep = mask_BT.reshape(-1).index_select(0, self.dst) != 0
+        return replace(self, src=self.src[keep], target=self.target[keep], dst=self.dst[keep])
+
 
 def padded_layout(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> Layout:
     """One row per sequence; a token is predicted where it and the one before it are attended."""
@@ -231,8 +240,10 @@ def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
 
 
 def logprobs_of_sequences(model, token_ids: list[list[int]], pad_id: int, temperature: float = 1.0, *,
-                       with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 512, pack: bool = False):
-    """:func:`token_logprobs` of a list of sequences, packed into one row (``pack``) or right-padded."""
+                          with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 512, pack: bool = False,
+                          masks: list[list[int]] | None = None):
+    """:func:`token_logprobs` of a list of sequences, packed into one row (``pack``) or right-padded;
+    with ``masks``, of the tokens whose mask is 1 alone (0 elsewhere; see :meth:`Layout.only`)."""
     device = next(model.parameters()).device
     if pack:
         check_packing(model)
@@ -244,6 +255,12 @@ def logprobs_of_sequences(model, token_ids: list[list[int]], pad_id: int, temper
         for i, s in enumerate(token_ids):
             ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
         lay = padded_layout(ids.to(device), attn.to(device))
+    if masks is not None:
+        width = lay.shape[1]
+        keep = torch.zeros(len(masks), width, dtype=torch.bool)
+        for i, m in enumerate(masks):
+            keep[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        lay = lay.only(keep.to(device))
     return layout_logprobs(model, lay, temperature, with_entropy, entropy_grad, chunk)
 
 

@@ -57,9 +57,10 @@ def pad_tokens(token_ids: list[list[int]], masks: list[list[int]], pad_id: int, 
 def collate(trajs: list[Trajectory], advantages: list, pad_id: int, old: list | None = None, ref: list | None = None,
             device=None, pack: bool = False) -> MicroBatch:
     """``advantages[i]`` is a float (sequence-level) or a per-token list (e.g. GAE). The per-token
-    fields are ``[B, T]`` right-padded whatever the layout: packing changes only the forward."""
+    fields are ``[B, T]`` right-padded whatever the layout: packing changes only the forward. The
+    layout predicts the sampled tokens (mask 1) alone: nothing reads the log-prob of another."""
     ids, attn, mask = pad_tokens([t.token_ids for t in trajs], [t.mask for t in trajs], pad_id, device)
-    layout = packed_layout([t.token_ids for t in trajs], device) if pack else padded_layout(ids, attn)
+    layout = (packed_layout([t.token_ids for t in trajs], device) if pack else padded_layout(ids, attn)).only(mask)
     width = ids.shape[1]
     rows = [a if isinstance(a, list) else [a] * len(t.token_ids) for t, a in zip(trajs, advantages)]
     adv, sampler = _pad(rows, width, torch.float, device), _pad([t.logprobs for t in trajs], width, torch.float, device)
