@@ -80,12 +80,12 @@ class HeadLogprobs(torch.autograd.Function):
             for s in range(0, h.shape[0], chunk):
                 e = s + chunk
                 logq = _head_logits(h[s:e], weight, bias, dtype, temperature).sub_(lse[s:e, None])  # log softmax
-                p = logq.exp()
                 # d logp/dz = onehot - p;  d entropy/dz = -p (log p + H)
                 if g_ent is not None:
+                    p = logq.exp()
                     gz = p.mul_(logq.add_(ent[s:e, None]).mul_(-g_ent[s:e, None]).sub_(g_logp[s:e, None]))
-                else:
-                    gz = p.mul_(-g_logp[s:e, None])
+                else:  # p in place of log p: one [K, V] block alive, not two
+                    gz = logq.exp_().mul_(-g_logp[s:e, None])
                 del logq
                 gz.scatter_add_(-1, target[s:e, None], g_logp[s:e, None])
                 if temperature != 1.0:
