@@ -2,7 +2,7 @@
 model, same batch, same optimizer; each row in a fresh process.
 
     .venv/bin/python benchmarks/update_bench.py [--shape qwen2.5-0.5b] [--dtype bfloat16] [--compute-dtype auto]
-        [--device auto] [--batch 16] [--seq 1024] [--min-seq N] [--micro 4] [--max-tokens N] [--chunk 1024]
+        [--device auto] [--batch 16] [--seq 1024] [--min-seq N] [--micro 4] [--max-tokens N] [--chunk 256]
         [--no-pack] [--steps 3] [--entropy-coef 0] [--grad-ckpt] [--before GIT_REF]
 
 The model is randomly initialised with a real configuration (no weights are downloaded); the
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-seq", type=int, default=None, help="mixed lengths: spread evenly from this to --seq")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size (bare, tirl before; tirl without --max-tokens)")
     ap.add_argument("--max-tokens", type=int, default=None, help="tirl: optim.max_tokens_per_micro_batch")
-    ap.add_argument("--chunk", type=int, default=512, help="tirl: optim.logprob_chunk (0: full logits)")
+    ap.add_argument("--chunk", type=int, default=256, help="tirl: optim.logprob_chunk (0: full logits)")
     ap.add_argument("--no-pack", action="store_true", help="tirl: optim.pack = false")
     ap.add_argument("--steps", type=int, default=3, help="timed updates per row")
     ap.add_argument("--entropy-coef", type=float, default=0.0)

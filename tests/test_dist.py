@@ -349,3 +349,22 @@ def test_a_ranks_own_engine_process_sees_a_world_of_one_and_its_share_of_the_cor
         assert put == {} and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "5"
     with Dist().own_process_env("cpu") as put:  # one process: nothing changes
         assert put == {} and os.environ["RANK"] == "1"
+
+
+def test_a_node_folder_is_written_by_the_nodes_first_rank_and_removed_after(monkeypatch):
+    """``Dist.node_folder`` (where a node's vLLM engines reload the weights from: one copy per node):
+    LOCAL_RANK 0 makes it and writes, another rank of the node only reads the same path; it is
+    gone after the block, and the next one has another name. (Barriers are those of a single
+    process here; 2 ranks use it in the slow vLLM test above.)"""
+    from tirl.dist import Dist
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test-job")
+    first, other = Dist(), Dist(rank=1, world=1, local_rank=1)
+    with first.node_folder("weights") as (path, writes, ready):
+        assert writes and os.path.isdir(path)
+        with other.node_folder("weights") as (same, writes_too, _):
+            assert same == path and not writes_too
+        ready()
+    assert not os.path.exists(path)
+    with first.node_folder("weights") as (again, _, _):
+        assert again != path

@@ -265,9 +265,10 @@ class OptimConfig(_Strict):
     pack: bool = True
     """Padding-free micro-batches: the trajectories end to end in one row, each with its own position
     ids and no attention across them (checked once per model; ``false``: right-padded rows)."""
-    logprob_chunk: int = Field(default=512, ge=0)
+    logprob_chunk: int = Field(default=256, ge=0)
     """Tokens per block through the LM head when computing log-probs and entropy (recomputed in the
-    backward, so one ``[chunk, vocab]`` block is alive at a time); 0 = the full ``[B, T, V]`` logits."""
+    backward, so one ``[chunk, vocab]`` block is alive at a time); 0 = the full ``[B, T, V]`` logits.
+    256 (verl: 512): the update's memory 3.82 GB vs 3.91 GB at 512 on the 0.5B bench, same time."""
     idle_sample_seqs: int = Field(default=2, ge=1)
     """When a mini-batch trains no token (every advantage 0), ``update/logprob_mismatch``,
     ``update/mismatch_kl`` and ``update/entropy`` are measured on its first this-many trajectories only."""

@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -45,6 +45,7 @@ class Dist:
     local_rank: int = 0
     backend: str | None = None  # "gloo" / "nccl" at world > 1
     mesh: Any = None  # a 1-D DeviceMesh over all ranks at world > 1
+    _folders: int = field(default=0, repr=False)  # node folders made so far (their names count them)
 
     @classmethod
     def from_env(cls, device: str = "cpu", timeout_s: float = 600.0) -> "Dist":
@@ -206,6 +207,31 @@ class Dist:
 
     def _comm_device(self) -> str:
         return "cuda" if self.backend == "nccl" else "cpu"
+
+    @contextlib.contextmanager
+    def node_folder(self, prefix: str) -> Iterator[tuple[str, bool, Callable[[], None]]]:
+        """A fresh folder in ``/dev/shm`` that this node's ranks share for the block: yields
+        ``(path, writes, ready)``. The node's first rank (``LOCAL_RANK`` 0) makes it and
+        ``writes`` into it; every rank calls ``ready()`` (a barrier) before reading it; it is
+        removed once every rank has left the block. Every rank must enter it together. (The
+        weights a node's vLLM engines reload: one copy per node, not one per rank.)"""
+        import shutil
+        import tempfile
+
+        self._folders += 1
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        job = f"{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}-{restarts()}"  # (torchrun's id of the job)
+        path = os.path.join(root, f"tirl-{prefix}-{job}-node{os.environ.get('GROUP_RANK', '0')}-{self._folders}")
+        writes = self.local_rank == 0
+        if writes:
+            shutil.rmtree(path, ignore_errors=True)  # (a crashed attempt's, if its name came back)
+            os.makedirs(path)
+        try:
+            yield path, writes, self.barrier
+        finally:
+            self.barrier()
+            if writes:
+                shutil.rmtree(path, ignore_errors=True)
 
     # --- sharding ----------------------------------------------------------------------------
 

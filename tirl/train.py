@@ -305,7 +305,8 @@ class Trainer:
         t1 = time.perf_counter()
         tensors = self.dist.full_tensors(self.model) if self.dist.active else None
         via = getattr(self.engine, "weight_sync", None) or self.cfg.rollout.weight_sync  # an out-of-process vLLM: disk
-        self.engine.load_weights(self.model, via, tensors)
+        place = (lambda: self.dist.node_folder("weights")) if self.dist.active else None  # one copy per node
+        self.engine.load_weights(self.model, via, tensors, place=place)
         return time.perf_counter() - t1
 
     def _gae_and_critic(self, trajs: list[Trajectory], part: list[int], train_critic: bool) -> tuple[list, dict[str, float]]:

@@ -69,9 +69,10 @@ class HFEngine:
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
-    def load_weights(self, model, via: str = "memory", tensors=None) -> None:
+    def load_weights(self, model, via: str = "memory", tensors=None, place=None) -> None:
         """Copy ``tensors`` (``(name, full tensor)`` pairs, one at a time; default ``model``'s
-        state dict) into the engine's own copy of the weights."""
+        state dict) into the engine's own copy of the weights (in memory: ``via`` and ``place``
+        do not apply)."""
         if self.shares_weights:
             return
         mine = self.model.state_dict()

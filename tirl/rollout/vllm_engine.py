@@ -23,6 +23,7 @@ partial block and the output were prefilled again. ReTool's "KV cache kept acros
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
@@ -355,7 +356,7 @@ class VLLMEngine:
             s.resume = None
             self.release(key)
 
-    def load_weights(self, model, via: str = "memory", tensors=None) -> None:
+    def load_weights(self, model, via: str = "memory", tensors=None, place=None) -> None:
         """Copy the trainer's current weights into the engine (after every update).
 
         ``memory``: the tensors themselves go to the model runner (``reload_weights`` with a
@@ -365,18 +366,22 @@ class VLLMEngine:
         process (vLLM's multiprocess engine core, a separate rollout server sharing the host)
         is synced. Across hosts, the same call takes a path on shared storage. ``tensors``:
         ``(name, full tensor)`` pairs to send instead of ``model.state_dict()`` (a sharded
-        trainer's, gathered one at a time)."""
+        trainer's, gathered one at a time). ``place``: with ``disk``, a context giving ``(path,
+        writes, ready)`` (``Dist.node_folder``: the engines of a node's ranks reload one copy, which
+        one of them writes; the others still take every tensor, as gathering is collective);
+        default a folder of this engine's own."""
         if via == "memory":
             pairs = tensors if tensors is not None else ((k, v.detach()) for k, v in model.state_dict().items())
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs)})
         elif via == "disk":
-            root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            path = tempfile.mkdtemp(prefix="tirl-weights-", dir=root)
-            try:
-                _save_full_state(model, path, tensors)
+            with (place or _own_folder)() as (path, writes, ready):
+                if writes:
+                    _save_full_state(model, path, tensors)
+                else:
+                    for _ in tensors if tensors is not None else ():
+                        pass
+                ready()
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-            finally:
-                shutil.rmtree(path, ignore_errors=True)
         else:
             raise ValueError(f"unknown weight sync {via!r}; use 'memory' or 'disk'")
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
@@ -476,6 +481,17 @@ def _share_parallel_state() -> None:
     vcore.cleanup_dist_env_and_memory = cleanup_unless_shared
     vcore.EngineCore.shutdown = shutdown_one
     vcore._tirl_shares_parallel_state = True
+
+
+@contextlib.contextmanager
+def _own_folder():
+    """A folder in ``/dev/shm`` for this engine's weights alone: ``(path, writes, ready)``."""
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    path = tempfile.mkdtemp(prefix="tirl-weights-", dir=root)
+    try:
+        yield path, True, lambda: None
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _save_full_state(model, path: str, tensors=None, shard_bytes: int = 1 << 30) -> None:

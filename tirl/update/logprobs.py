@@ -203,7 +203,7 @@ def _unsupported_head(model) -> str | None:
 
 
 def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: bool = False,
-                    entropy_grad: bool = True, chunk: int = 512):
+                    entropy_grad: bool = True, chunk: int = 256):
     """``logp [B, T]`` (and ``entropy [B, T]`` with ``with_entropy``) for the sequences of ``lay``.
     ``entropy_grad = False`` computes the entropy outside autograd (a metric only)."""
     got: dict[str, torch.Tensor] = {}
@@ -231,7 +231,7 @@ def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: 
 
 
 def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 512):
+                   with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 256):
     """``[B, T]`` log-prob of each token given the ones before it, under ``softmax(logits / T)``
     (the distribution the sampler drew from when top-p/top-k are off); column 0 and padding are 0.
     With ``with_entropy`` also the ``[B, T]`` entropy of the distribution each token was drawn from."""
@@ -240,7 +240,7 @@ def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
 
 
 def logprobs_of_sequences(model, token_ids: list[list[int]], pad_id: int, temperature: float = 1.0, *,
-                          with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 512, pack: bool = False,
+                          with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 256, pack: bool = False,
                           masks: list[list[int]] | None = None):
     """:func:`token_logprobs` of a list of sequences, packed into one row (``pack``) or right-padded;
     with ``masks``, of the tokens whose mask is 1 alone (0 elsewhere; see :meth:`Layout.only`)."""
