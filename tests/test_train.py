@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tirl.cli import main
 from tirl.config import load_config
@@ -145,7 +146,7 @@ def _rows(run):
 
 def _same_final_weights(a, b) -> bool:
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     wa, wb = load_file(a / "checkpoint" / "model.safetensors"), load_file(b / "checkpoint" / "model.safetensors")
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -311,3 +312,26 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint_whole(tiny_model_dir
     (run / ".checkpoint-1.partial" / "trainer").mkdir()
     (run / ".checkpoint-1.partial" / "trainer" / ".metadata").write_bytes(b"")  # even a partial one that looks whole...
     assert find_checkpoint(run).name == "checkpoint-1"  # ...is never taken
+
+
+def test_the_sharded_loaders_reader_finds_tensors_and_names_what_is_missing(tiny_model_dir, tmp_path):
+    """``CheckpointWeights`` (what each rank reads its shards from under torchrun): a tensor by the
+    module's name, a name the file spells without the base model's prefix, a clear error naming
+    the missing parameter and the fix, and ``None`` (the whole load then reports it) for a hub id
+    no hub can give here."""
+    from safetensors.torch import load_file, save_file
+
+    from tirl.models import CheckpointWeights
+    from tirl.types import TirlError
+
+    files = load_file(str(tiny_model_dir / "model.safetensors"))
+    w = CheckpointWeights.open(str(tiny_model_dir), prefix="model")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(w(name), files[name])
+    save_file({k.removeprefix("model."): v.contiguous() for k, v in files.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    bare = CheckpointWeights.open(str(tmp_path), prefix="model")  # (a checkpoint of the bare transformer)
+    assert torch.equal(bare(name), files[name])
+    with pytest.raises(TirlError, match="no tensor for the model's parameter 'score.weight'.*sharded_load=false"):
+        w("score.weight")
+    assert CheckpointWeights.open("SomeOrg/some-model-that-is-not-here") is None
