@@ -176,7 +176,8 @@ class CheckpointWeights:
     """A model's tensors by parameter name, read from its safetensors files one at a time
     (memory-mapped: a rank that slices its shard out of a tensor reads that tensor alone, a copy). Names
     the module uses but the files spell without the base model's prefix (a checkpoint of the bare
-    transformer) are found too. ``None`` from :meth:`open` when the model has no safetensors."""
+    transformer) are found too. ``None`` from :meth:`open` when the model has no safetensors (or
+    is a hub id that no hub can give here)."""
 
     def __init__(self, files: dict[str, Path], prefix: str = ""):
         self.files, self.prefix = files, prefix
@@ -250,7 +251,7 @@ def load_policy(mc, dist, device: str):
 
     weights = CheckpointWeights.open(mc.name, mc.cache_dir) if dist.active and mc.sharded_load else None
     if dist.active and mc.sharded_load and weights is None:
-        say(f"[tirl] {mc.name} has no safetensors: every rank loads the whole model, then shards it")
+        say(f"[tirl] no safetensors found for {mc.name}: every rank loads the whole model, then shards it")
     model, tok = load_model(mc.name, mc.dtype, mc.cache_dir, device, mc.compute, empty=weights is not None)
     if mc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
