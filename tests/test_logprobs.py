@@ -86,7 +86,7 @@ def test_packed_equals_padded_values_and_gradients(tiny_model_dir):
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_the_head_on_the_sampled_tokens_alone_gives_their_logprobs_and_gradients(tiny_model_dir, pack):
-    """``masks``: the LM head runs on the mask-1 tokens alone (``Layout.only``): their log-probs and
+    """``mask_BT``: the LM head runs on the mask-1 tokens alone (``Layout.only``): their log-probs and
     entropies are those of the head on every token, everything else is 0, and a masked loss has
     the same gradients. A sequence with no sampled token is fine (nothing of it is predicted)."""
     model, tok = load_model(str(tiny_model_dir))
@@ -100,7 +100,7 @@ def test_the_head_on_the_sampled_tokens_alone_gives_their_logprobs_and_gradients
     for only in (False, True):
         model.zero_grad(set_to_none=True)
         logp, ent = logprobs_of_sequences(model, ids, 0, 0.7, with_entropy=True, pack=pack, chunk=5,
-                                          masks=masks if only else None)
+                                          mask_BT=keep if only else None)
         ((logp * keep).sum() + (ent * keep).sum()).backward()
         out[only] = logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     assert torch.equal(out[True][0] * (1 - keep), torch.zeros_like(keep)) and not out[True][0][4].any()

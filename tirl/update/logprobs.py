@@ -241,9 +241,10 @@ def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
 
 def logprobs_of_sequences(model, token_ids: list[list[int]], pad_id: int, temperature: float = 1.0, *,
                           with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 256, pack: bool = False,
-                          masks: list[list[int]] | None = None):
+                          mask_BT: torch.Tensor | None = None):
     """:func:`token_logprobs` of a list of sequences, packed into one row (``pack``) or right-padded;
-    with ``masks``, of the tokens whose mask is 1 alone (0 elsewhere; see :meth:`Layout.only`)."""
+    with ``mask_BT`` (right-padded, as ``pad_tokens`` makes it), of the tokens where it is set alone
+    (0 elsewhere; see :meth:`Layout.only`)."""
     device = next(model.parameters()).device
     if pack:
         check_packing(model)
@@ -255,13 +256,7 @@ def logprobs_of_sequences(model, token_ids: list[list[int]], pad_id: int, temper
         for i, s in enumerate(token_ids):
             ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
         lay = padded_layout(ids.to(device), attn.to(device))
-    if masks is not None:
-        width = lay.shape[1]
-        keep = torch.zeros(len(masks), width, dtype=torch.bool)
-        for i, m in enumerate(masks):
-            keep[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-        lay = lay.only(keep.to(device))
-    return layout_logprobs(model, lay, temperature, with_entropy, entropy_grad, chunk)
+    return layout_logprobs(model, lay.only(mask_BT), temperature, with_entropy, entropy_grad, chunk)
 
 
 def check_packing(model) -> None:
