@@ -199,14 +199,82 @@ def test_by_tokens_places_each_sequence_once_within_budget(lengths, budget, pack
 
 
 def test_packing_that_leaks_is_refused_fake_mask_builder(tiny_model_dir, monkeypatch):
-    """With transformers' packed-sequence detection switched off (a stand-in for an architecture
-    that ignores position ids) packed sequences attend to each other: the check names the fix."""
+    """With transformers' packed-sequence detection switched off and the sequences' bounds not
+    passed (a stand-in for an architecture that ignores both) packed sequences attend to each
+    other: the check names the fix."""
     import transformers.masking_utils as mu
+
+    import tirl.update.logprobs as lp
 
     model, tok = load_model(str(tiny_model_dir))
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    monkeypatch.setattr(lp, "_takes_varlen", lambda model: False)
     with pytest.raises(TirlError, match="optim.pack=false"):
         logprobs_of_sequences(model, [[5, 6, 7], [8, 9]], 0, pack=True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_sdpa_attends_within_each_sequence_without_the_mask(tiny_model_dir, monkeypatch, checkpointing):
+    """sdpa runs each packed sequence's attention on its own from the bounds the forward passes:
+    with transformers' block-diagonal mask switched off (a row-wide causal mask would leak across
+    sequences) the packed values and gradients still equal the padded ones, also when gradient
+    checkpointing recomputes the layers in the backward (the bounds must reach the recompute)."""
+    import transformers.masking_utils as mu
+
+    model, tok = load_model(str(tiny_model_dir))
+    assert model.config._attn_implementation == "sdpa"
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    ids = [t.token_ids for t in _tool_trajs(len(tok))]
+    out = {}
+    for pack in (False, True):
+        if pack:
+            monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+            model._tirl_packing_checked = True  # the check's own forwards are not what this test is about
+        model.zero_grad(set_to_none=True)
+        logp, ent = logprobs_of_sequences(model, ids, 0, 0.7, with_entropy=True, pack=pack)
+        (logp.sum() + ent.sum()).backward()
+        out[pack] = logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
+    for name, g in out[True][2].items():
+        assert torch.allclose(g, out[False][2][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_sdpa_by_sequence_equals_the_block_diagonal_mask():
+    """The per-sequence attention against transformers' sdpa with the block-diagonal causal mask:
+    grouped-query heads, a one-token sequence, forward and gradients; without bounds (generation)
+    it is transformers' function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tirl.update.logprobs import sdpa_by_sequence
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 2, True
+
+    torch.manual_seed(0)
+    lens = [5, 1, 9, 3]
+    L = sum(lens)
+    q = torch.randn(1, 4, L, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, L, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, L, 8, dtype=torch.float64, requires_grad=True)
+    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    mask = (seq[:, None] == seq[None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
+    bounds = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    outs = []
+    for by_seq in (True, False):
+        q.grad = k.grad = v.grad = None
+        if by_seq:
+            o, _ = sdpa_by_sequence(Attn(), q, k, v, None, scaling=0.3, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds)
+        else:
+            o, _ = sdpa_attention_forward(Attn(), q, k, v, mask[None, None], scaling=0.3)
+        (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum().backward()
+        outs.append((o.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-12)
+    plain, _ = sdpa_by_sequence(Attn(), q, k, v, mask[None, None], scaling=0.3)
+    assert torch.equal(plain, sdpa_attention_forward(Attn(), q, k, v, mask[None, None], scaling=0.3)[0])
 
 
 def test_only_one_chunk_of_logits_is_alive(tiny_model_dir):
