@@ -169,6 +169,87 @@ def test_token_budget_and_packing_give_the_fixed_micro_batch_update(tiny_model_d
             assert torch.allclose(w, plain[name], atol=1e-6, rtol=1e-5), (optim, name)
 
 
+def _predicted(h, w, b, y, loss_of, predict):
+    """Gradients of ``loss_of(logp, ent)`` through the chunked head, with ``predict`` given or not,
+    and how many blocks of logits the backward recomputed."""
+    import tirl.update.logprobs as lp
+
+    h, w, b = (x.detach().clone().requires_grad_() for x in (h, w, b))
+    logp, ent = HeadLogprobs.apply(h, w, b, y, 0.7, 3, None, True, predict)
+    real, calls = lp._head_logits, []
+    lp._head_logits = lambda *a: calls.append(1) or real(*a)
+    try:
+        loss_of(logp, ent).backward()
+    finally:
+        lp._head_logits = real
+    return (h.grad, w.grad, b.grad), len(calls)
+
+
+def test_head_gradients_from_the_forward_equal_the_recomputed_ones():
+    """With a prediction of the loss's per-token gradients the head computes its gradients in the
+    forward and the backward recomputes no logits; a prediction that does not match the loss that
+    arrives (here: off by a factor) is caught and the gradients recomputed, still exact."""
+    torch.manual_seed(0)
+    h, w, b = torch.randn(8, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
+    y = torch.randint(0, 11, (8,))
+    c, u = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+
+    def loss_of(logp, ent):  # per token: a clipped ratio, a KL-like term, an entropy bonus
+        r = torch.exp(logp - c)
+        return (torch.maximum(-u * r, -u * r.clamp(0.8, 1.2)) + torch.exp(c - logp) - 0.1 * ent).sum() / 8
+
+    def right(logp, ent):  # the head calls it inside its forward, where autograd is off
+        with torch.enable_grad():
+            x, e = logp.detach().requires_grad_(), ent.detach().requires_grad_()
+            return torch.autograd.grad(loss_of(x, e), (x, e))
+
+    def wrong(logp, ent):
+        g = right(logp, ent)
+        return g[0] * 1.5, g[1]
+
+    ref, n_ref = _predicted(h, w, b, y, loss_of, None)
+    assert n_ref == 3  # ceil(8 / 3) blocks recomputed
+    for predict, recomputed in ((right, 0), (wrong, 3)):
+        got, n = _predicted(h, w, b, y, loss_of, predict)
+        assert n == recomputed
+        for a, r in zip(got, ref):
+            assert torch.allclose(a, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss,blocks_per_pass", [("ppo_clip", 1), ("cispo", 1), ("gspo_token", 2)])
+def test_the_update_computes_the_head_gradients_in_the_forward_for_per_token_losses(tiny_model_dir, monkeypatch, loss,
+                                                                                    blocks_per_pass):
+    """policy_update hands the head its loss (KL to a reference, entropy bonus and a per-token
+    rollout correction included): per-token losses cost one block of logits per pass, a
+    sequence-level one (GSPO) two (the backward recomputes); the weights equal the plain
+    full-logits update either way."""
+    import tirl.update.logprobs as lp
+
+    model, tok = load_model(str(tiny_model_dir))
+    trajs = _tool_trajs(len(tok))
+    adv = [1.0, -0.5, 0.2, 0.8, -1.0, 0.3]
+    ref = [[v - 0.05 for v in t.logprobs] for t in trajs]
+    algo = AlgoConfig(loss=loss, ratio_against="sampler", entropy_coef=0.01, kl_coef=0.1, kl_in="loss",
+                      rollout_correction="token_tis")
+    opt = lambda chunk: OptimConfig(max_tokens_per_micro_batch=10_000, logprob_chunk=chunk, grad_clip=1e9)  # noqa: E731
+
+    def run(chunk):
+        m = copy.deepcopy(model)
+        m._tirl_packing_checked = True
+        policy_update(m, torch.optim.SGD(m.parameters(), lr=1.0), trajs, adv, algo, opt(chunk), temperature=0.8,
+                      pad_id=0, ref_logprobs=ref)
+        return {n: p.detach() for n, p in m.named_parameters()}
+
+    plain = run(0)
+    real, calls = lp._head_logits, []
+    monkeypatch.setattr(lp, "_head_logits", lambda *a: calls.append(1) or real(*a))
+    got = run(16)
+    tokens = sum(sum(t.mask) for t in trajs)  # one micro-batch: the head runs on the sampled tokens
+    assert len(calls) == blocks_per_pass * -(-tokens // 16)
+    for name, w in got.items():
+        assert torch.allclose(w, plain[name], atol=1e-6, rtol=1e-5), name
+
+
 def test_recomputed_and_reference_logprobs_are_the_same_packed(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir))
     trajs = _tool_trajs(len(tok))

@@ -31,9 +31,17 @@ AggregationFn = Callable[[torch.Tensor, torch.Tensor, Normaliser], torch.Tensor]
 AGGREGATIONS: dict[str, AggregationFn] = {}
 
 
-def register_loss(name: str):
+PER_TOKEN: set[str] = set()  # losses whose gradient at a token depends on that token's log-prob alone
+
+
+def register_loss(name: str, per_token: bool = True):
+    """``per_token = False`` for a loss whose gradient at a token depends on other tokens'
+    log-probs (a sequence-level ratio); the chunked LM head then cannot compute it in the forward."""
+
     def deco(fn: PolicyLossFn) -> PolicyLossFn:
         POLICY_LOSSES[name] = fn
+        if per_token:
+            PER_TOKEN.add(name)
         return fn
 
     return deco
@@ -90,7 +98,7 @@ def _clipped_surrogate(ratio: torch.Tensor, a: torch.Tensor, clip_low: float, cl
     return torch.maximum(unclipped, clipped), stats
 
 
-@register_loss("gspo")
+@register_loss("gspo", per_token=False)
 def gspo(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv: torch.Tensor, clip_low: float = 3e-4,
          clip_high: float = 4e-4, clip_ratio_c: float | None = None, mask_BT: torch.Tensor | None = None):
     """GSPO (Zheng et al. 2025, arXiv 2507.18071), sequence level: one ratio per sequence,
@@ -102,7 +110,7 @@ def gspo(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv: torch.Tensor, cl
     return _clipped_surrogate(s_B1.expand_as(logp_BT), _adv(adv, logp_BT), clip_low, clip_high)
 
 
-@register_loss("gspo_token")
+@register_loss("gspo_token", per_token=False)
 def gspo_token(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv: torch.Tensor, clip_low: float = 3e-4,
                clip_high: float = 4e-4, clip_ratio_c: float | None = None, mask_BT: torch.Tensor | None = None):
     """GSPO-token (the paper's token-level variant; verl's ``gspo`` loss): per token

@@ -42,26 +42,86 @@ def _head_logits(h_KH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tens
     return z / temperature if temperature != 1.0 else z
 
 
+def _grad_logits(logq_KV: torch.Tensor, ent_K: torch.Tensor, target_K: torch.Tensor, g_logp_K: torch.Tensor,
+                 g_ent_K: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """d loss / d logits of one block, built in place of its log-softmax ``logq``:
+    d logp/dz = onehot - p;  d entropy/dz = -p (log p + H); both divided by the temperature."""
+    if g_ent_K is not None:
+        p = logq_KV.exp()
+        gz = p.mul_(logq_KV.add_(ent_K[:, None]).mul_(-g_ent_K[:, None]).sub_(g_logp_K[:, None]))
+    else:  # p in place of log p: one [K, V] block alive, not two
+        gz = logq_KV.exp_().mul_(-g_logp_K[:, None])
+    gz.scatter_add_(-1, target_K[:, None], g_logp_K[:, None])
+    return gz.div_(temperature) if temperature != 1.0 else gz
+
+
+def _add_grads(gz_KV, s: int, h_MH, weight_VH, bias_V, mm, grads) -> None:
+    """Adds one block's gradients into ``grads = (gh [M, H], gw [V, H], gb [V])`` (None: not wanted)."""
+    gh, gw, gb = grads
+    g = gz_KV.to(mm)  # the forward's matmul dtype, as autocast's backward
+    e = s + g.shape[0]
+    if gh is not None:
+        gh[s:e] = (g @ weight_VH.to(mm)).to(h_MH.dtype)
+    if gw is not None and mm == weight_VH.dtype:
+        gw.addmm_(g.t(), h_MH[s:e].to(mm))  # in place: no second [V, H] block
+    elif gw is not None:
+        gw.add_((g.t() @ h_MH[s:e].to(mm)).to(weight_VH.dtype))
+    if gb is not None:
+        gb.add_(g.sum(0).to(bias_V.dtype))
+
+
+def _same(got: torch.Tensor | None, predicted: torch.Tensor | None) -> bool:
+    if got is None or predicted is None:
+        return got is None and predicted is None
+    return torch.allclose(got, predicted, rtol=1e-6, atol=0.0)
+
+
 class HeadLogprobs(torch.autograd.Function):
     """``(logp [M], entropy [M])`` of ``target [M]`` under ``softmax(head(h [M, H]) / T)``, ``chunk``
-    rows of logits at a time; the backward recomputes them. Gradients flow into ``h``, the head's
-    weight and bias, from either output (the entropy's only when it is used)."""
+    rows of logits at a time. Gradients flow into ``h``, the head's weight and bias, from either
+    output (the entropy's only when it is used).
+
+    The backward recomputes each block's logits (4 matmuls per block in all). With ``predict``
+    (``(logp [M], entropy [M]) -> (d loss/d logp [M], d loss/d entropy [M] or None)``, exact for
+    the entries computed so far: a loss whose gradient at a token depends on that token alone),
+    the forward computes the gradients while each block's logits are at hand (3 matmuls); the
+    backward uses them if the gradients that arrive are the predicted ones, and recomputes
+    otherwise, so the result never depends on the prediction being right."""
 
     @staticmethod
-    def forward(ctx, h_MH, weight_VH, bias_V, target_M, temperature: float, chunk: int, dtype, want_entropy: bool):
+    def forward(ctx, h_MH, weight_VH, bias_V, target_M, temperature: float, chunk: int, dtype, want_entropy: bool,
+                predict=None):
         m = h_MH.shape[0]
         logp = h_MH.new_zeros(m, dtype=torch.promote_types(h_MH.dtype, torch.float32))
         ent, lse = torch.zeros_like(logp), torch.zeros_like(logp)
-        device = h_MH.device.type
-        with torch.autocast(device, enabled=False):
+        need = ctx.needs_input_grad
+        ahead = predict is not None and any(need[:3])
+        if ahead:
+            grads = (torch.zeros_like(h_MH) if need[0] else None, torch.zeros_like(weight_VH) if need[1] else None,
+                     torch.zeros_like(bias_V) if bias_V is not None and need[2] else None)
+            g_logp_M, g_ent_M = torch.zeros_like(logp), None
+            mm = weight_VH.dtype if dtype is None else dtype
+        with torch.autocast(h_MH.device.type, enabled=False):
             for s in range(0, m, chunk):
-                z = _head_logits(h_MH[s : s + chunk], weight_VH, bias_V, dtype, temperature)
-                lse[s : s + chunk] = l = torch.logsumexp(z, dim=-1)
-                logp[s : s + chunk] = z.gather(-1, target_M[s : s + chunk, None]).squeeze(-1) - l
+                e = min(s + chunk, m)
+                z = _head_logits(h_MH[s:e], weight_VH, bias_V, dtype, temperature)
+                lse[s:e] = l = torch.logsumexp(z, dim=-1)
+                logp[s:e] = z.gather(-1, target_M[s:e, None]).squeeze(-1) - l
                 if want_entropy:  # H = lse - sum p z, with p built in place of a second [K, V] block
-                    ent[s : s + chunk] = l - z.sub(l[:, None]).exp_().mul_(z).sum(-1)
+                    ent[s:e] = l - z.sub(l[:, None]).exp_().mul_(z).sum(-1)
+                if ahead:
+                    g_lp, g_en = predict(logp, ent)
+                    g_logp_M[s:e] = g_lp[s:e]
+                    if g_en is not None:
+                        g_ent_M = torch.zeros_like(logp) if g_ent_M is None else g_ent_M
+                        g_ent_M[s:e] = g_en[s:e]
+                    g_en_K = None if g_en is None or not bool(g_en[s:e].any()) else g_en[s:e]
+                    gz = _grad_logits(z.sub_(l[:, None]), ent[s:e], target_M[s:e], g_lp[s:e], g_en_K, temperature)
+                    _add_grads(gz, s, h_MH, weight_VH, bias_V, mm, grads)
+                del z
         ctx.save_for_backward(h_MH, weight_VH, bias_V, target_M, lse, ent)
         ctx.settings = (temperature, chunk, dtype, want_entropy)
+        ctx.ahead = (g_logp_M, g_ent_M, grads) if ahead else None
         ctx.set_materialize_grads(False)
         return logp, ent
 
@@ -73,47 +133,40 @@ class HeadLogprobs(torch.autograd.Function):
             raise RuntimeError("HeadLogprobs: a gradient reached the entropy, which was not computed")
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype)
         g_ent = None if g_ent is None or not bool(g_ent.any()) else g_ent.to(lse.dtype)
+        ahead, ctx.ahead = ctx.ahead, None
+        if ahead is not None:
+            pred_logp, pred_ent, grads = ahead
+            pred_ent = None if pred_ent is None or not bool(pred_ent.any()) else pred_ent
+            if _same(g_logp, pred_logp) and _same(g_ent, pred_ent):
+                return (*grads, None, None, None, None, None, None)
+            del grads  # the loss was not what the prediction assumed: recompute below
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        gh = torch.zeros_like(h) if need_h else None
-        gw = torch.zeros_like(weight) if need_w else None
-        gb = torch.zeros_like(bias) if need_b else None
+        grads = (torch.zeros_like(h) if need_h else None, torch.zeros_like(weight) if need_w else None,
+                 torch.zeros_like(bias) if need_b else None)
         mm = weight.dtype if dtype is None else dtype
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], chunk):
                 e = s + chunk
                 logq = _head_logits(h[s:e], weight, bias, dtype, temperature).sub_(lse[s:e, None])  # log softmax
-                # d logp/dz = onehot - p;  d entropy/dz = -p (log p + H)
-                if g_ent is not None:
-                    p = logq.exp()
-                    gz = p.mul_(logq.add_(ent[s:e, None]).mul_(-g_ent[s:e, None]).sub_(g_logp[s:e, None]))
-                else:  # p in place of log p: one [K, V] block alive, not two
-                    gz = logq.exp_().mul_(-g_logp[s:e, None])
+                gz = _grad_logits(logq, ent[s:e], target[s:e], g_logp[s:e],
+                                  None if g_ent is None else g_ent[s:e], temperature)
                 del logq
-                gz.scatter_add_(-1, target[s:e, None], g_logp[s:e, None])
-                if temperature != 1.0:
-                    gz.div_(temperature)
-                g = gz.to(mm)  # the forward's matmul dtype, as autocast's backward
-                if need_h:
-                    gh[s:e] = (g @ weight.to(mm)).to(h.dtype)
-                if need_w and mm == weight.dtype:
-                    gw.addmm_(g.t(), h[s:e].to(mm))  # in place: no second [V, H] block
-                elif need_w:
-                    gw.add_((g.t() @ h[s:e].to(mm)).to(weight.dtype))
-                if need_b:
-                    gb.add_(g.sum(0).to(bias.dtype))
-        return gh, gw, gb, None, None, None, None, None
+                _add_grads(gz, s, h, weight, bias, mm, grads)
+        return (*grads, None, None, None, None, None, None)
 
 
 def head_logprobs(h_MH: torch.Tensor, head: torch.nn.Module, target_M: torch.Tensor, temperature: float, chunk: int,
-                  with_entropy: bool, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  with_entropy: bool, entropy_grad: bool, predict=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp [M], entropy [M])`` for the hidden states ``h`` through the linear ``head``, in the
-    ambient autocast dtype; ``chunk = 0``: the plain computation over all ``M`` rows at once."""
+    ambient autocast dtype; ``chunk = 0``: the plain computation over all ``M`` rows at once.
+    ``predict``: see :class:`HeadLogprobs` (chunked only)."""
     device = h_MH.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     t = temperature if temperature > 0 else 1.0
     if chunk > 0:
-        logp, ent = HeadLogprobs.apply(h_MH, head.weight, head.bias, target_M, t, chunk, dtype, with_entropy)
+        logp, ent = HeadLogprobs.apply(h_MH, head.weight, head.bias, target_M, t, chunk, dtype, with_entropy,
+                                       predict if torch.is_grad_enabled() else None)
         return logp, ent if entropy_grad else ent.detach()
     with torch.autocast(device, enabled=False):
         return logits_logprobs(_head_logits(h_MH, head.weight, head.bias, dtype, t), target_M, with_entropy,
@@ -256,15 +309,22 @@ def _unsupported_head(model) -> str | None:
 
 
 def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: bool = False,
-                    entropy_grad: bool = True, chunk: int = 256):
+                    entropy_grad: bool = True, chunk: int = 256, loss_hint=None):
     """``logp [B, T]`` (and ``entropy [B, T]`` with ``with_entropy``) for the sequences of ``lay``.
-    ``entropy_grad = False`` computes the entropy outside autograd (a metric only)."""
+    ``entropy_grad = False`` computes the entropy outside autograd (a metric only).
+    ``loss_hint``: the scalar loss the caller will build, as a function ``(logp [B, T], entropy
+    [B, T]) -> loss``, when its gradient at each token depends on that token's values alone (every
+    per-token policy loss, KL and entropy term, with any aggregation): the chunked head then
+    computes its gradients in the forward, one matmul per block fewer (see :class:`HeadLogprobs`).
+    A hint that does not match the real loss costs time, never correctness."""
     got: dict[str, torch.Tensor] = {}
     why = _unsupported_head(model) if chunk > 0 else None
+    predict = None if loss_hint is None else _per_token_grads(loss_hint, lay, with_entropy and entropy_grad)
 
     def head_forward(hidden_RLH: torch.Tensor) -> torch.Tensor:
         h = hidden_RLH.reshape(-1, hidden_RLH.shape[-1]).index_select(0, lay.src)
-        got["logp"], got["ent"] = head_logprobs(h, head, lay.target, temperature, chunk, with_entropy, entropy_grad)
+        got["logp"], got["ent"] = head_logprobs(h, head, lay.target, temperature, chunk, with_entropy, entropy_grad,
+                                                predict)
         return torch.stack([got["logp"][None], got["ent"][None]], -1)  # [1, M, 2], not a view: FSDP hooks it
 
     kwargs = dict(input_ids=lay.input_ids, attention_mask=lay.attention_mask, position_ids=lay.position_ids,
@@ -284,6 +344,23 @@ def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: 
     b, t = lay.shape
     out = [torch.zeros(b * t, device=lay.src.device).index_put((lay.dst,), got[k]).view(b, t) for k in ("logp", "ent")]
     return (out[0], out[1]) if with_entropy else out[0]
+
+
+def _per_token_grads(loss_of, lay: Layout, with_entropy_grad: bool):
+    """``(logp [M], entropy [M]) -> (d loss/d logp [M], d loss/d entropy [M] or None)`` through
+    ``loss_of`` on the ``[B, T]`` layout (the entries not computed yet are 0)."""
+    b, t = lay.shape
+
+    def predict(logp_M: torch.Tensor, ent_M: torch.Tensor):
+        with torch.enable_grad():
+            x = [logp_M.detach().requires_grad_()] + ([ent_M.detach().requires_grad_()] if with_entropy_grad else [])
+            spread = [torch.zeros(b * t, dtype=v.dtype, device=v.device).index_put((lay.dst,), v).view(b, t) for v in x]
+            loss = loss_of(spread[0], spread[1] if with_entropy_grad else ent_M.new_zeros(b, t))
+            g = torch.autograd.grad(loss, x, allow_unused=True)
+        g = [torch.zeros_like(v) if gv is None else gv for v, gv in zip(x, g)]
+        return g[0], g[1] if with_entropy_grad else None
+
+    return predict
 
 
 def _takes_varlen(model) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tirl.dist import Dist
-from tirl.loss import AGGREGATIONS, POLICY_LOSSES, Normaliser, kl_penalty, rollout_correction
+from tirl.loss import AGGREGATIONS, PER_TOKEN, POLICY_LOSSES, Normaliser, kl_penalty, rollout_correction
 from tirl.types import Trajectory
 from tirl.update.logprobs import Layout, layout_logprobs, packed_layout, padded_layout, check_packing
 
@@ -231,26 +231,21 @@ def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, 
 def _micro_step(model, mb: MicroBatch, algo, optim, temperature: float, norm: Normaliser, on_policy: bool,
                 sums: dict[str, float]) -> None:
     """Forward and backward of one micro-batch; adds its statistics to ``sums``."""
-    loss_fn, agg = POLICY_LOSSES[algo.loss], AGGREGATIONS[algo.aggregation]
+    # each token's gradient depends on its own log-prob alone, unless the loss is sequence-level or a
+    # sequence-level rollout correction weighs it by the current policy (on-policy: old = current)
+    per_token = algo.loss in PER_TOKEN and not (on_policy and algo.rollout_correction not in ("off", "token_tis"))
+    hint = (lambda lp, en: _policy_loss(lp, en, mb, algo, norm, on_policy)[0]) if per_token else None
     logp, ent = layout_logprobs(model, mb.layout, temperature, with_entropy=True, entropy_grad=algo.entropy_coef > 0,
-                                chunk=optim.logprob_chunk)
-    old_lp = logp.detach() if on_policy else mb.old_logprobs
+                                chunk=optim.logprob_chunk, loss_hint=hint)
+    loss, _, st, kl, rc = _policy_loss(logp, ent, mb, algo, norm, on_policy)
+    loss.backward()
     m = mb.loss_mask
-    loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c or None, mask_BT=m)
-    if algo.rollout_correction != "off":  # the trainer's old policy over the sampler's, per token (detached)
-        w, cut = rollout_correction(old_lp, mb.sampler_logprobs, m, algo.rollout_correction, algo.rollout_correction_cap)
-        loss_BT = loss_BT * w
-        sums["rc_weight"] += float((w * m).sum())
-        sums["rc_cut"] += float(cut.sum())
-    kl = kl_penalty(logp, mb.ref_logprobs, algo.kl_estimator) if mb.ref_logprobs is not None else torch.zeros_like(logp)
-    if algo.kl_coef > 0 and algo.kl_in == "loss":
-        loss_BT = loss_BT + algo.kl_coef * kl
-    if algo.entropy_coef > 0:
-        loss_BT = loss_BT - algo.entropy_coef * ent
-    agg(loss_BT, m, norm).backward()
+    if rc is not None:
+        sums["rc_weight"] += float((rc[0] * m).sum())
+        sums["rc_cut"] += float(rc[1].sum())
     with torch.no_grad():
         diff = logp.detach() - mb.sampler_logprobs  # log(trainer / sampler) per token
-        sums["loss"] += float(agg(loss_BT.detach(), m, norm))
+        sums["loss"] += float(loss)
         for k in ("clip_low", "clip_high", "clip_dual"):
             sums[k] += float((st[k] * m).sum())
         sums["mismatch_abs"] += float((diff.abs() * m).sum())
@@ -258,6 +253,27 @@ def _micro_step(model, mb: MicroBatch, algo, optim, temperature: float, norm: No
         sums["entropy"] += float((ent.detach() * m).sum())
         sums["kl"] += float((kl.detach() * m).sum())
         sums["tokens"] += float(m.sum())
+
+
+def _policy_loss(logp, ent, mb: MicroBatch, algo, norm: Normaliser, on_policy: bool):
+    """The micro-batch's loss from its ``[B, T]`` log-probs and entropies: ``(scalar, loss [B, T],
+    the policy loss's stats, kl [B, T], (rollout-correction weight, cut) or None)``. A pure
+    function of its inputs: the LM head also evaluates it on partial log-probs to compute its
+    gradients in the forward (``loss_hint``)."""
+    loss_fn, agg = POLICY_LOSSES[algo.loss], AGGREGATIONS[algo.aggregation]
+    old_lp = logp.detach() if on_policy else mb.old_logprobs
+    m = mb.loss_mask
+    loss_BT, st = loss_fn(logp, old_lp, mb.advantages, algo.clip_low, algo.clip_high, algo.clip_ratio_c or None, mask_BT=m)
+    rc = None
+    if algo.rollout_correction != "off":  # the trainer's old policy over the sampler's, per token (detached)
+        rc = rollout_correction(old_lp, mb.sampler_logprobs, m, algo.rollout_correction, algo.rollout_correction_cap)
+        loss_BT = loss_BT * rc[0]
+    kl = kl_penalty(logp, mb.ref_logprobs, algo.kl_estimator) if mb.ref_logprobs is not None else torch.zeros_like(logp)
+    if algo.kl_coef > 0 and algo.kl_in == "loss":
+        loss_BT = loss_BT + algo.kl_coef * kl
+    if algo.entropy_coef > 0:
+        loss_BT = loss_BT - algo.entropy_coef * ent
+    return agg(loss_BT, m, norm), loss_BT, st, kl, rc
 
 
 @torch.no_grad()
