@@ -250,6 +250,32 @@ def test_the_update_computes_the_head_gradients_in_the_forward_for_per_token_los
         assert torch.allclose(w, plain[name], atol=1e-6, rtol=1e-5), name
 
 
+def test_the_sft_step_computes_the_head_gradients_in_the_forward(tiny_model_dir, monkeypatch):
+    """The SFT loss is per token: one block of logits per block of learnable tokens, and the
+    weights after a step equal the full-logits step's."""
+    import tirl.update.logprobs as lp
+    from tirl.sft import SFTExample, sft_step
+
+    model, tok = load_model(str(tiny_model_dir))
+    model._tirl_packing_checked = True
+    batch = [SFTExample(t.token_ids, t.mask) for t in _tool_trajs(len(tok))]
+
+    def run(chunk):
+        m = copy.deepcopy(model)
+        sft_step(m, torch.optim.SGD(m.parameters(), lr=1.0), batch,
+                 OptimConfig(max_tokens_per_micro_batch=10_000, logprob_chunk=chunk, grad_clip=1e9), 0)
+        return {n: p.detach() for n, p in m.named_parameters()}
+
+    plain = run(0)
+    real, calls = lp._head_logits, []
+    monkeypatch.setattr(lp, "_head_logits", lambda *a: calls.append(1) or real(*a))
+    got = run(16)
+    learnable = sum(sum(e.mask[1:]) for e in batch)
+    assert len(calls) == -(-learnable // 16)
+    for name, w in got.items():
+        assert torch.allclose(w, plain[name], atol=1e-6, rtol=1e-5), name
+
+
 def test_recomputed_and_reference_logprobs_are_the_same_packed(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir))
     trajs = _tool_trajs(len(tok))

@@ -189,7 +189,8 @@ def sft_step(model, optimizer, batch: list[SFTExample], optim, pad_id: int, dist
         part = [mine[i] for i in idx]
         _, _, mask = pad_tokens([e.token_ids for e in part], [e.mask for e in part], pad_id, device_of(model))
         logp = logprobs_of_sequences(model, [e.token_ids for e in part], pad_id, chunk=optim.logprob_chunk,
-                                     pack=optim.pack, mask_BT=mask)  # (the head on mask-1 tokens alone)
+                                     pack=optim.pack, mask_BT=mask,  # (the head on mask-1 tokens alone)
+                                     loss_hint=lambda lp, _: sft_loss(lp, mask, n_tok))  # gradients in the forward
         loss = sft_loss(logp, mask, n_tok)
         loss.backward()
         total += float(loss.detach())

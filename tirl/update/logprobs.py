@@ -383,10 +383,10 @@ def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
 
 def logprobs_of_sequences(model, token_ids: list[list[int]], pad_id: int, temperature: float = 1.0, *,
                           with_entropy: bool = False, entropy_grad: bool = True, chunk: int = 256, pack: bool = False,
-                          mask_BT: torch.Tensor | None = None):
+                          mask_BT: torch.Tensor | None = None, loss_hint=None):
     """:func:`token_logprobs` of a list of sequences, packed into one row (``pack``) or right-padded;
     with ``mask_BT`` (right-padded, as ``pad_tokens`` makes it), of the tokens where it is set alone
-    (0 elsewhere; see :meth:`Layout.only`)."""
+    (0 elsewhere; see :meth:`Layout.only`). ``loss_hint``: see :func:`layout_logprobs`."""
     device = next(model.parameters()).device
     if pack:
         check_packing(model)
@@ -398,7 +398,7 @@ def logprobs_of_sequences(model, token_ids: list[list[int]], pad_id: int, temper
         for i, s in enumerate(token_ids):
             ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
         lay = padded_layout(ids.to(device), attn.to(device))
-    return layout_logprobs(model, lay.only(mask_BT), temperature, with_entropy, entropy_grad, chunk)
+    return layout_logprobs(model, lay.only(mask_BT), temperature, with_entropy, entropy_grad, chunk, loss_hint)
 
 
 def check_packing(model) -> None:
