@@ -69,11 +69,13 @@ def test_chunked_equals_full_logits_values_and_gradients(tiny_model_dir, tempera
     assert torch.all(ref[0][:, 0] == 0) and torch.all(ref[0][0, len(ids[0]) :] == 0)  # no context, padding
 
 
-def test_packed_equals_padded_values_and_gradients(tiny_model_dir):
-    model, tok = load_model(str(tiny_model_dir))
-    ids = [t.token_ids for t in _tool_trajs(len(tok))]
+def _assert_packed_equals_padded(model, ids, before_packed=lambda: None) -> None:
+    """Log-probs, entropies and every gradient, packed vs right-padded (``before_packed`` runs
+    between the two)."""
     out = {}
     for pack in (False, True):
+        if pack:
+            before_packed()
         model.zero_grad(set_to_none=True)
         logp, ent = logprobs_of_sequences(model, ids, 0, 0.7, with_entropy=True, pack=pack)
         (logp.sum() + ent.sum()).backward()
@@ -82,6 +84,11 @@ def test_packed_equals_padded_values_and_gradients(tiny_model_dir):
     assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
     for name, g in out[True][2].items():
         assert torch.allclose(g, out[False][2][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_packed_equals_padded_values_and_gradients(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir))
+    _assert_packed_equals_padded(model, [t.token_ids for t in _tool_trajs(len(tok))])
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -333,20 +340,11 @@ def test_packed_sdpa_attends_within_each_sequence_without_the_mask(tiny_model_di
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-    ids = [t.token_ids for t in _tool_trajs(len(tok))]
-    out = {}
-    for pack in (False, True):
-        if pack:
-            monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
-            model._tirl_packing_checked = True  # the check's own forwards are not what this test is about
-        model.zero_grad(set_to_none=True)
-        logp, ent = logprobs_of_sequences(model, ids, 0, 0.7, with_entropy=True, pack=pack)
-        (logp.sum() + ent.sum()).backward()
-        out[pack] = logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
-    assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
-    for name, g in out[True][2].items():
-        assert torch.allclose(g, out[False][2][name], atol=1e-5, rtol=1e-4), name
+    def mask_off():
+        monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+        model._tirl_packing_checked = True  # the check's own forwards are not what this test is about
+
+    _assert_packed_equals_padded(model, [t.token_ids for t in _tool_trajs(len(tok))], mask_off)
 
 
 def test_sdpa_by_sequence_equals_the_block_diagonal_mask():
