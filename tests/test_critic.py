@@ -64,7 +64,12 @@ def test_ppo_with_critic_warmup_in_the_trainer(tiny_model_dir, tmp_path):
     assert m2["update/tokens_trained"] > 0 and "update/critic/value_loss" in m2
 
 
-def test_critic_values_and_gradients_packed_equal_padded(tiny_model_dir):
+@pytest.mark.parametrize("mask_off", [False, True])
+def test_critic_values_and_gradients_packed_equal_padded(tiny_model_dir, monkeypatch, mask_off):
+    """Packed == padded; ``mask_off``: with transformers' block-diagonal mask switched off, so the
+    packed rows rely on the sequences' bounds alone (sdpa per sequence)."""
+    import transformers.masking_utils as mu
+
     from tirl.models import load_model
 
     model, tok = load_model(str(tiny_model_dir))
@@ -75,6 +80,8 @@ def test_critic_values_and_gradients_packed_equal_padded(tiny_model_dir):
     got = {}
     for optim in (OptimConfig(micro_batch_size=2, pack=False), OptimConfig(max_tokens_per_micro_batch=20)):
         c = copy.deepcopy(critic)
+        if optim.pack and mask_off:
+            monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
         old = critic_values(c, trajs, optim, 0)
         critic_update(c, torch.optim.SGD(c.parameters(), lr=1.0), trajs, returns, old, 0.2, optim, 0)
         got[optim.pack] = old, [p.detach() for p in c.parameters()]

@@ -17,7 +17,7 @@ from tirl.dist import Dist
 from tirl.loss import AGGREGATIONS, Normaliser, value_loss
 from tirl.models import compute_context
 from tirl.types import Trajectory
-from tirl.update.logprobs import Layout, packed_layout, padded_layout
+from tirl.update.logprobs import Layout, model_inputs, packed_layout, padded_layout
 from tirl.update.step import SINGLE, _pad, device_of, dummy_pass, micro_batches, pad_tokens
 
 
@@ -47,8 +47,7 @@ class ValueModel(nn.Module):
         if isinstance(lay, torch.Tensor):
             lay = padded_layout(lay, attention_mask_BT)
         with compute_context(self):
-            h = self.body(input_ids=lay.input_ids, attention_mask=lay.attention_mask, position_ids=lay.position_ids,
-                          use_cache=False).last_hidden_state
+            h = self.body(**model_inputs(self.body, lay)).last_hidden_state
         h = h.reshape(-1, h.shape[-1]).index_select(0, lay.src)
         v = self.head(h.to(self.head.weight.dtype)).float().squeeze(-1)  # (FSDP may cast the head)
         b, t = lay.shape

@@ -327,11 +327,7 @@ def layout_logprobs(model, lay: Layout, temperature: float = 1.0, with_entropy: 
                                                 predict)
         return torch.stack([got["logp"][None], got["ent"][None]], -1)  # [1, M, 2], not a view: FSDP hooks it
 
-    kwargs = dict(input_ids=lay.input_ids, attention_mask=lay.attention_mask, position_ids=lay.position_ids,
-                  use_cache=False)
-    if lay.bounds is not None and _takes_varlen(model):
-        _by_sequence_installed()
-        kwargs |= lay.varlen()
+    kwargs = model_inputs(model, lay)
     if why is None:
         with _head_replaced(model, head_forward) as head, compute_context(model):
             model(**kwargs)
@@ -361,6 +357,17 @@ def _per_token_grads(loss_of, lay: Layout, with_entropy_grad: bool):
         return g[0], g[1] if with_entropy_grad else None
 
     return predict
+
+
+def model_inputs(model, lay: Layout) -> dict:
+    """The keywords of a forward of ``model`` over the rows of ``lay``: ids, mask, position ids,
+    and for a packed layout the sequences' bounds (where the model's forward takes them)."""
+    kwargs = dict(input_ids=lay.input_ids, attention_mask=lay.attention_mask, position_ids=lay.position_ids,
+                  use_cache=False)
+    if lay.bounds is not None and _takes_varlen(model):
+        _by_sequence_installed()
+        kwargs |= lay.varlen()
+    return kwargs
 
 
 def _takes_varlen(model) -> bool:
