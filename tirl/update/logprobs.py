@@ -16,8 +16,8 @@ A packed forward also passes the sequences' bounds (transformers' varlen keyword
 ``cu_seq_lens_q/k``): flash-attention uses them as it is; for sdpa, :func:`sdpa_by_sequence` runs
 each sequence's causal attention on its own (no ``[L, L]`` mask, no scores across sequences:
 one layer's attention over a row of 1,536 + 512 tokens, forward and backward, took 0.60 s with
-the mask and 0.26 s this way on this CPU); any other attention uses the block-diagonal mask transformers builds from the position
-ids. Either way the result is ``[B, T]`` in the padded layout, column 0 (no context) and padding 0.
+the mask and 0.26 s this way on this CPU); any other attention uses the block-diagonal mask
+transformers builds from the position ids. Either way the result is ``[B, T]`` in the padded layout, column 0 (no context) and padding 0.
 """
 
 from __future__ import annotations
