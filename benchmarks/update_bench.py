@@ -20,15 +20,19 @@ of 1/16 of its length each (mask 0), sampler log-probs and advantages of +-1. Ro
   ``--max-tokens`` (packed unless ``--no-pack``), the LM head in blocks of ``--chunk`` tokens.
 
 Tokens/s counts every token in the batch (prompt and tool outputs included: the forward pass runs
-over them). Memory: on CUDA the peak allocated after a warm-up update; on the CPU the process's
-peak resident memory. ``update GiB`` is that peak less what was held before the timed updates
-(weights and AdamW state, created beforehand with a zero gradient), i.e. what the update itself
-needs. ``--shape tiny`` (a 2-layer model) is a smoke run.
+over them). Memory: on CUDA the peak allocated after a warm-up update; on the CPU two figures,
+the process's peak resident memory (``RSS``) and the peak of the bytes in use by malloc
+(``alloc``, glibc's ``mallinfo2``, sampled every 2 ms): the second is the CPU's counterpart of
+CUDA's allocated bytes, the first adds the freed heap glibc keeps rather than returns. ``update
+GiB`` is a peak less what was held before the timed updates (weights and AdamW state, created
+beforehand with a zero gradient), i.e. what the update itself needs. ``--shape tiny`` (a 2-layer
+model) is a smoke run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import random
@@ -36,6 +40,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -110,6 +115,47 @@ def _rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+class AllocatedPeak:
+    """The peak of the bytes malloc has handed out and not had back (heap chunks in use plus
+    mmapped ones, every arena), sampled every ``every`` seconds on a thread: what the process's
+    tensors hold, without the freed memory glibc keeps. ``None`` where glibc lacks ``mallinfo2``."""
+
+    def __init__(self, every: float = 0.002):
+        try:
+            self._mallinfo = ctypes.CDLL("libc.so.6").mallinfo2
+            self._mallinfo.restype = _MallInfo2
+        except (OSError, AttributeError):
+            self._mallinfo = None
+        self.peak = 0
+        self._every, self._stop = every, threading.Event()
+
+    def now(self) -> int | None:
+        if self._mallinfo is None:
+            return None
+        m = self._mallinfo()
+        return m.uordblks + m.hblkhd
+
+    def start(self) -> "AllocatedPeak":
+        if self._mallinfo is not None:
+            self.peak = self.now()
+            threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.peak = max(self.peak, self.now())
+
+    def stop_gib(self) -> float | None:
+        self._stop.set()
+        return None if self._mallinfo is None else max(self.peak, self.now()) / 2**30
+
+
 def _peak_gib(device) -> float:
     """Peak accelerator memory allocated (CUDA) or this process's peak resident memory (CPU), GiB."""
     import torch
@@ -163,12 +209,18 @@ def run_row(args, name: str) -> dict:
         base = torch.cuda.memory_allocated() / 2**30
     else:
         base = _rss_gib()
+    alloc = AllocatedPeak()
+    alloc_base = None if alloc.now() is None or device.type == "cuda" else alloc.now() / 2**30
+    alloc.start()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"s": (time.perf_counter() - t0) / args.steps, "peak": _peak_gib(device), "base": base,
+    s = (time.perf_counter() - t0) / args.steps
+    alloc_peak = alloc.stop_gib()
+    return {"s": s, "peak": _peak_gib(device), "base": base,
+            "alloc": None if alloc_base is None else alloc_peak - alloc_base,
             "params": sum(p.numel() for p in model.parameters()), "device": str(device)}
 
 
@@ -233,14 +285,22 @@ def main(argv: list[str] | None = None) -> None:
           f"{first['device']}: {args.batch} trajectories of {lengths} tokens ({n_tok} in all), micro-batch {args.micro}"
           f", tirl: max_tokens {args.max_tokens}, pack {not args.no_pack}, chunk {args.chunk}; entropy_coef "
           f"{args.entropy_coef}{', gradient checkpointing' if args.grad_ckpt else ''}; each row a fresh process")
+    cpu = first["alloc"] is not None
+    extra = f" | {'alloc GiB':>9} | {'alloc vs bare':>13}" if cpu else ""
     print(f"| {'update':<11} | {'s/update':>8} | {'tokens/s':>9} | {'peak GiB':>8} | {'update GiB':>10} | "
-          f"{'time vs bare':>12} | {'update mem vs bare':>18} |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"{'time vs bare':>12} | {'update mem vs bare':>18}{extra} |")
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cpu else ""))
     for name, r in rows:
         grow, grow0 = r["peak"] - r["base"], first["peak"] - first["base"]
-        print(f"| {name:<11} | {r['s']:8.3f} | {n_tok / r['s']:9.0f} | {r['peak']:8.2f} | {grow:10.2f} | "
-              f"{r['s'] / first['s']:11.2f}x | {grow / grow0 if grow0 > 0 else float('nan'):17.2f}x |")
+        cells = [f"{r['s']:8.3f}", f"{n_tok / r['s']:9.0f}", f"{r['peak']:8.2f}", f"{grow:10.2f}",
+                 f"{r['s'] / first['s']:11.2f}x", f"{_ratio(grow, grow0):17.2f}x"]
+        if cpu:
+            cells += [f"{r['alloc']:9.2f}", f"{_ratio(r['alloc'], first['alloc']):12.2f}x"]
+        print(f"| {name:<11} | " + " | ".join(cells) + " |")
 
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
 
 if __name__ == "__main__":
     main()

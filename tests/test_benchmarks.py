@@ -80,3 +80,27 @@ def test_verifier_table_bench_prints_both_verifiers(tmp_path):
         subprocess.run([sys.executable, "benchmarks/verifier_table.py", "--build", "--data", str(data), "--table", str(built)],
                        cwd=REPO, check=True, capture_output=True, timeout=120)
         assert built.read_text() == (Path(__file__).with_name("verifier_table.jsonl")).read_text()
+
+
+def test_update_bench_allocated_peak_sees_a_freed_tensor_and_not_the_heap_glibc_keeps():
+    """The CPU's counterpart of CUDA's peak allocated: a 256 MiB block alive for 50 ms shows in
+    the peak; after it is freed the bytes in use fall back (glibc may keep the pages)."""
+    import time
+
+    import torch
+
+    bench = _load("update_bench")
+    probe = bench.AllocatedPeak()
+    if probe.now() is None:
+        import pytest
+
+        pytest.skip("this libc has no mallinfo2")
+    before = probe.now()
+    probe.start()
+    block = torch.ones(64 * 2**20)  # 256 MiB of float32, written (so its pages are resident)
+    time.sleep(0.05)
+    del block
+    time.sleep(0.01)
+    peak = probe.stop_gib()
+    assert peak - before / 2**30 >= 0.24, (peak, before)  # 0.25 GiB, less what was freed meanwhile
+    assert probe.now() - before < 2**26, (probe.now(), before)  # < 64 MiB left in use after the free
