@@ -13,6 +13,8 @@ Three kinds of names:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import importlib.util
 import os
 import shutil
@@ -240,6 +242,26 @@ def compute_context(module):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=next(module.parameters()).device.type, dtype=dtype)
+
+
+def return_freed_memory(device: torch.device) -> None:
+    """On the CPU, hands the heap that freed tensors left behind back to the system (glibc's
+    ``malloc_trim``): glibc keeps freed chunks under 32 MiB for reuse, and with tensors of many
+    sizes (packed rows of varying lengths) those holes add up. Measured on the update bench (a
+    Qwen2.5-0.5B-shaped update of 3 micro-batches): peak resident memory 4.10 -> 3.67 GiB over
+    what the update holds, with the same 3.0 GiB in use. A no-op elsewhere (CUDA's caching
+    allocator is meant to keep its blocks) and where the C library is not glibc."""
+    trim = _malloc_trim() if device.type == "cpu" else None
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def load_policy(mc, dist, device: str):

@@ -29,6 +29,7 @@ import torch
 
 from tirl.config import Config
 from tirl.dist import Dist
+from tirl.models import return_freed_memory
 from tirl.rollout.protocol import ToolProtocol, get_protocol
 from tirl.types import TirlError
 from tirl.update.logprobs import check_packing, logprobs_of_sequences
@@ -194,6 +195,7 @@ def sft_step(model, optimizer, batch: list[SFTExample], optim, pad_id: int, dist
         loss = sft_loss(logp, mask, n_tok)
         loss.backward()
         total += float(loss.detach())
+        return_freed_memory(device_of(model))
     (total,) = dist.sum([total])
     gn = dist.clip_grad_norm(model.parameters(), optim.grad_clip)
     optimizer.step()

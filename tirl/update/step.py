@@ -17,6 +17,7 @@ import torch
 
 from tirl.dist import Dist
 from tirl.loss import AGGREGATIONS, PER_TOKEN, POLICY_LOSSES, Normaliser, kl_penalty, rollout_correction
+from tirl.models import return_freed_memory
 from tirl.types import Trajectory
 from tirl.update.logprobs import Layout, layout_logprobs, packed_layout, padded_layout, check_packing
 
@@ -211,6 +212,7 @@ def _minibatch_step(model, optimizer, trajs, advantages, old, ref, algo, optim, 
         mb = collate([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id, [old[i] for i in idx] if old else None,
                      [ref[i] for i in idx] if ref else None, device_of(model), optim.pack)
         _micro_step(model, mb, algo, optim, temperature, norm, on_policy, sums)
+        return_freed_memory(device_of(model))
     sums = dict(zip(_SUMS, dist.sum([sums[k] for k in _SUMS])))
     measured = sums["tokens"]
     if measured == 0 and n_seq:  # nothing trained: still measure the sampler/trainer mismatch and entropy
