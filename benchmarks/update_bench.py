@@ -302,5 +302,6 @@ def main(argv: list[str] | None = None) -> None:
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
+
 if __name__ == "__main__":
     main()

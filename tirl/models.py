@@ -247,9 +247,9 @@ def compute_context(module):
 def return_freed_memory(device: torch.device) -> None:
     """On the CPU, hands the heap that freed tensors left behind back to the system (glibc's
     ``malloc_trim``): glibc keeps freed chunks under 32 MiB for reuse, and with tensors of many
-    sizes (packed rows of varying lengths) those holes add up. Measured on the update bench (a
-    Qwen2.5-0.5B-shaped update of 3 micro-batches): peak resident memory 4.10 -> 3.67 GiB over
-    what the update holds, with the same 3.0 GiB in use. A no-op elsewhere (CUDA's caching
+    sizes (packed rows of varying lengths) those holes add up. One update of the update bench's
+    Qwen2.5-0.5B-shaped batch (3 micro-batches), profiled: peak resident memory 4.10 -> 3.67 GiB
+    over what it held before, with the same 3.0 GiB in use. A no-op elsewhere (CUDA's caching
     allocator is meant to keep its blocks) and where the C library is not glibc."""
     trim = _malloc_trim() if device.type == "cpu" else None
     if trim is not None:
