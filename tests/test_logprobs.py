@@ -437,7 +437,10 @@ def test_return_freed_memory_gives_the_heaps_holes_back_on_the_cpu():
     import sys
 
     from conftest import REPO
+    from tirl.models import _malloc_trim
 
+    if _malloc_trim() is None:
+        pytest.skip("the C library is not glibc: return_freed_memory is a no-op there")
     out = subprocess.run([sys.executable, "-c", _TRIM_PROBE], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) > 80 * 2**20, out.stdout
