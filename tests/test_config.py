@@ -31,6 +31,10 @@ def test_bad_value_and_bad_override_form():
     with pytest.raises(TirlError, match="max_tokens_per_turn"):
         load_config(None, ["rollout.max_tokens_per_turn=600", "rollout.max_response_tokens=500"])
 
+    with pytest.raises(TirlError, match="engine_per.*lock step.*Fix: rollout.mode"):
+        load_config(None, ["rollout.engine_per=node", "rollout.mode=async"])
+    assert load_config(None, ["rollout.engine_per=node"]).rollout.mode == "auto"
+
 
 def test_unknown_recipe_lists_known():
     with pytest.raises(TirlError, match="demo"):

@@ -158,6 +158,25 @@ def test_two_ranks_equal_one_rank_grpo(grpo):
         assert [json.loads(x)["token_ids"] for x in a] == [json.loads(x)["token_ids"] for x in b]
 
 
+def test_a_node_engine_serving_both_ranks_samples_what_one_process_does(tiny_model_dir, toy, grpo):
+    """``rollout.engine_per = "node"``: the node's first rank alone holds an engine (its own copy
+    of the weights) and both ranks send it their turns, in lock step; each rank still runs its
+    own trajectories. The same trajectories, token for token, the same metrics rows and the same
+    final weights as one process (the ``grpo`` fixture's), so the engine follows the updates."""
+    data, out = toy
+    p = _run(_common(tiny_model_dir, data, out, "node", **{"rollout.engine_per": "node"}), ranks=2)
+    _ok(p)
+    assert p.stdout.count("one rollout engine per node, on its first rank, serving its 2 ranks") == 1
+    _assert_same_weights(grpo["one"], out / "node")
+    _assert_same_rows(grpo["one"], out / "node", [1, 2, 3])
+    for step in (1, 2, 3):
+        a = (grpo["one"] / "trajectories" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        b = (out / "node" / "trajectories" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["token_ids"] for x in a] == [json.loads(x)["token_ids"] for x in b]
+    start = json.loads((out / "node" / "events.jsonl").read_text().splitlines()[0])
+    assert start["engine"] == "NodeEngine(HFEngine)"
+
+
 def test_ppo_with_a_critic_two_ranks_equal_one_rank(tiny_model_dir, toy):
     """ReTool's shape: SFT first (``sft.before_rl``, each rank on its share of the traces), then PPO
     with a critic (GAE whitened over every rank's tokens, the value loss over the global batch) and

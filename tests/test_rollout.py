@@ -327,3 +327,72 @@ def test_weights_for_an_out_of_process_vllm_are_written_in_files_of_bounded_size
     one.mkdir()
     _save_full_state(model, str(one))  # the model's own tensors (one process): one file, as before
     assert len(list(one.glob("*.safetensors"))) == 1
+    half = tmp_path / "bf16"  # in the engine's dtype, cast as vLLM casts them on loading: the same values
+    half.mkdir()
+    _save_full_state(model, str(half), tensors=iter(state.items()), dtype=torch.bfloat16)
+    back = {k: v for f in half.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert back.keys() == state.keys()
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], state[k].to(torch.bfloat16)) for k in state)
+
+
+class _ThreadedFakeChannel:
+    """A node's ranks as threads of one process, in place of :class:`tirl.dist.NodeChannel` (the real
+    one, over gloo between torchrun's processes, is tested in test_dist.py)."""
+
+    def __init__(self, rank: int, shared: dict):
+        self.rank, self.shared = rank, shared
+        self.size, self.leader = shared["size"], rank == 0
+
+    def exchange(self, payload, serve):
+        s = self.shared
+        s["slots"][self.rank] = payload
+        s["barrier"].wait()
+        if self.leader:
+            s["rounds"] += 1
+            s["answers"] = serve(list(s["slots"]))
+        s["barrier"].wait()
+        answer = s["answers"][self.rank]
+        s["barrier"].wait()  # nobody writes the next round's payload before everyone read this one
+        return answer
+
+
+def test_a_node_engine_serves_every_ranks_turns_in_lock_step_threaded_fake_channel(tiny):
+    """``NodeEngine``: the leader's engine runs the turns of every rank of the node, batched (one
+    generate per stop condition), and each rank gets its own rows back; ranks with fewer turns (or
+    no trajectory at all) keep taking part until all are done. The trajectories are those of one
+    rollout of the whole batch with the engine itself."""
+    import threading
+
+    from fakes import DelayFakeSandbox
+    from tirl.rollout.node_engine import NodeEngine
+
+    model, tok = tiny
+    eos = tok.eos_token
+    rows = [["```python\nprint(1)\n```", "```python\nprint(2)\n```", f"\\boxed{{3}}{eos}"], [f"\\boxed{{2}}{eos}"],
+            [f"\\boxed{{3}}{eos}"], ["```python\nprint(4)\n```", f"\\boxed{{4}}{eos}"]]
+    limits = RolloutLimits(max_tool_calls=2)
+    items, whole = _setup(tok, rows)
+    want, _ = rollout(whole, tok, DelayFakeSandbox({}), items, SamplingParams(), limits)
+
+    items, fake = _setup(tok, rows)
+    shares = [items[0:2], [], items[2:4]]  # three ranks: 3 turns, none, 2 turns
+    shared = {"size": 3, "barrier": threading.Barrier(3), "slots": [None] * 3, "answers": None, "rounds": 0}
+    got: dict[int, list] = {}
+
+    def rank(r: int) -> None:
+        engine = NodeEngine(fake if r == 0 else None, _ThreadedFakeChannel(r, shared), pad_id=0)
+        assert engine.name == "NodeEngine(ScriptedFakeEngine)" and engine.weight_sync is None
+        got[r], _ = rollout(engine, tok, DelayFakeSandbox({}), shares[r], SamplingParams(), limits)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(got) == [0, 1, 2]
+    mine = got[0] + got[1] + got[2]
+    assert [t.token_ids for t in mine] == [t.token_ids for t in want]
+    assert [t.mask for t in mine] == [t.mask for t in want]
+    # the leader batched the ranks' turns: one generate per turn of the longest rank (3), as the whole
+    # batch's rollout does; rounds: the engine's description, 3 turns, the end
+    assert len(fake.stops_seen) == len(whole.stops_seen) == 3 and shared["rounds"] == 5

@@ -158,6 +158,15 @@ class RolloutConfig(_Strict):
     vllm_in_process: bool = True
     """Run vLLM's engine core in this process (weights handed over in memory). False: vLLM's own
     multiprocess engine core; weights then go through ``weight_sync = "disk"``."""
+    engine_per: Literal["rank", "node"] = "rank"
+    """Under torchrun: ``rank``, every rank has an engine of its own with a whole copy of the weights
+    (fits 1.5B and 7B models on 80 GB GPUs); ``node``, one engine per node, on the node's first rank,
+    serves every rank of the node (each still runs its own trajectories and tool calls; their turns
+    go to it in lock step). With vLLM on CUDA it spans the node's GPUs (``vllm_tensor_parallel``): a
+    32B model is then 8 GB of bfloat16 per GPU instead of 64. No effect in a single process."""
+    vllm_tensor_parallel: int = Field(default=0, ge=0)
+    """vLLM's tensor-parallel size. 0: the node's GPUs for a node's engine (``engine_per = "node"``
+    on CUDA), else 1. On CPU only 1 is supported here."""
     weight_sync: Literal["memory", "disk"] = "memory"
     """How the trainer's weights reach vLLM after every update: ``memory`` (the tensors; in-process
     only) or ``disk`` (a safetensors checkpoint in /dev/shm, reloaded by path: works across processes)."""
@@ -373,6 +382,9 @@ class Config(_Strict):
         if not self.rollout.vllm_in_process and self.rollout.weight_sync == "memory":
             raise ValueError("rollout.vllm_in_process = false needs rollout.weight_sync = \"disk\" (tensors in memory "
                              "cannot reach another process)")
+        if self.rollout.engine_per == "node" and self.rollout.mode == "async":
+            raise ValueError("rollout.engine_per = \"node\" serves a node's ranks in lock step (one batch per turn "
+                             "from all of them). Fix: rollout.mode = \"lockstep\" or \"auto\"")
         if self.rollout.max_tokens_per_turn > self.rollout.max_response_tokens:
             raise ValueError(
                 "rollout.max_tokens_per_turn must be <= rollout.max_response_tokens "

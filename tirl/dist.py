@@ -46,6 +46,7 @@ class Dist:
     backend: str | None = None  # "gloo" / "nccl" at world > 1
     mesh: Any = None  # a 1-D DeviceMesh over all ranks at world > 1
     _folders: int = field(default=0, repr=False)  # node folders made so far (their names count them)
+    _channel: "NodeChannel | None" = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, device: str = "cpu", timeout_s: float = 600.0) -> "Dist":
@@ -112,20 +113,26 @@ class Dist:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.active else 1
         return max(1, n // local)
 
+    @staticmethod
+    def node_cpus() -> list[int]:
+        """The CPUs this node's processes may use."""
+        return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
     def local_cpus(self) -> list[int]:
         """This rank's contiguous share of the CPUs this node's processes may use (at least one)."""
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        cpus = self.node_cpus()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.active else 1
         lr, n = self.local_rank % local, len(cpus)
         return cpus[lr * n // local:(lr + 1) * n // local] or [cpus[lr % n]]
 
     @contextlib.contextmanager
-    def own_process_env(self, device: str) -> Iterator[dict[str, str]]:
+    def own_process_env(self, device: str, whole_node: bool = False) -> Iterator[dict[str, str]]:
         """The environment while this rank starts a process of its own (its vLLM engine core), restored
         after: the torchrun variables are hidden (that process is a world of one, not a rank of this
         job); on CUDA only this rank's GPU is visible to it; on CPU vLLM's OpenMP threads are bound to
-        this rank's share of the node's cores (unless ``VLLM_CPU_OMP_THREADS_BIND`` is set). A no-op
-        at world size 1. Yields the variables it set."""
+        this rank's share of the node's cores (unless ``VLLM_CPU_OMP_THREADS_BIND`` is set). With
+        ``whole_node`` (the node's one engine) it gets all of the node's GPUs, or cores. A no-op at
+        world size 1. Yields the variables it set."""
         if not self.active:
             yield {}
             return
@@ -134,9 +141,10 @@ class Dist:
         if device.startswith("cuda"):
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-            put["CUDA_VISIBLE_DEVICES"] = ids[self.local_rank % len(ids)]
+            put["CUDA_VISIBLE_DEVICES"] = ",".join(ids) if whole_node else ids[self.local_rank % len(ids)]
         elif "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            put["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.local_cpus()))
+            cpus = self.node_cpus() if whole_node else self.local_cpus()
+            put["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
         saved = {k: os.environ.get(k) for k in [*hide, *put]}
         try:
             for k in hide:
@@ -204,6 +212,15 @@ class Dist:
     def rounds(self, n_local: int) -> int:
         """How many sharded forward passes a loop over ``n_local`` local batches must run."""
         return self.max(n_local)
+
+    def node_channel(self) -> "NodeChannel":
+        """The channel between this node's ranks and its first rank (``LOCAL_RANK`` 0, the
+        leader), made on first use (every rank must ask for it together): a node's one rollout
+        engine serves all of them through it (``rollout.engine_per = "node"``). At world size 1
+        the process is its own leader and nothing is sent."""
+        if self._channel is None:
+            self._channel = NodeChannel.make(self)
+        return self._channel
 
     def _comm_device(self) -> str:
         return "cuda" if self.backend == "nccl" else "cpu"
@@ -395,6 +412,50 @@ class Dist:
             if td.is_initialized():
                 td.barrier()  # every rank tears gloo down together (one leaving early aborted another's teardown)
                 td.destroy_process_group()
+
+
+@dataclass
+class NodeChannel:
+    """A node's ranks and their leader, in lock step: :meth:`exchange` is a collective of the node's
+    ranks. Each sends one payload; the leader computes every rank's answer from all of them
+    (``serve``, on the leader alone) and each gets its own back. Objects go over a gloo group of the
+    node's ranks (CPU tensors of pickled objects, also on a CUDA job)."""
+
+    leader: bool = True
+    size: int = 1  # ranks on this node
+    leader_rank: int = 0  # the leader's global rank
+    group: Any = None  # the node's process group (None at world size 1)
+
+    @classmethod
+    def make(cls, dist: Dist) -> "NodeChannel":
+        if not dist.active:
+            return cls()
+        import torch.distributed as td
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        leader = dist.rank - dist.local_rank
+        if dist.world % local or leader % local or dist.local_rank >= local:
+            raise RuntimeError(f"rank {dist.rank}: a node's ranks must be numbered contiguously, the same number on "
+                               f"every node (world {dist.world}, {local} on this node, local rank {dist.local_rank}); "
+                               "torchrun numbers them so with the same --nproc-per-node on every node")
+        group, _ = td.new_subgroups(group_size=local, backend="gloo")
+        return cls(leader=dist.local_rank == 0, size=local, leader_rank=leader, group=group)
+
+    def exchange(self, payload: Any, serve: Callable[[list[Any]], list[Any]]) -> Any:
+        """Send ``payload`` to the leader; the leader runs ``serve(payloads)`` (one per rank of the
+        node, in local-rank order; it returns one answer per rank); returns this rank's answer."""
+        if self.group is None or self.size == 1:
+            return serve([payload])[0]
+        import torch.distributed as td
+
+        got: list[Any] | None = [None] * self.size if self.leader else None
+        td.gather_object(payload, got, dst=self.leader_rank, group=self.group)
+        answers = serve(got) if self.leader else None  # type: ignore[arg-type]
+        if answers is not None and len(answers) != self.size:
+            raise RuntimeError(f"serve answered {len(answers)} ranks of {self.size}")
+        box: list[Any] = [None]
+        td.scatter_object_list(box, answers, src=self.leader_rank, group=self.group)
+        return box[0]
 
 
 _TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",

@@ -36,6 +36,7 @@ from tirl.rollout import RolloutLimits, SamplingParams, resolve_mode, rollout
 from tirl.rollout.engine import derive_seed
 from tirl.rollout.protocol import get_protocol
 from tirl.rollout.hf_engine import HFEngine
+from tirl.rollout.node_engine import NodeEngine
 from tirl.run import LEGACY_TRAINER_FILE, TRAINER_DIR, RunDir, check_resumable, load_training_state, save_checkpoint
 from tirl.sandbox import describe, make_sandbox
 from tirl.shaping import has_signal, resample_on_correct, takes_part
@@ -58,45 +59,74 @@ def make_engine(cfg: Config, model, tok, dist: Dist | None = None):
     Under torchrun (``dist.active``) every rank has its own engine with its own copy of the weights
     (the trainer's are sharded), synced from the shards after every update: a vLLM whose engine core
     runs in a process of its own (a world of one, bound to this rank's cores or GPU; weights through
-    ``/dev/shm``), or an HF engine."""
-    import importlib.util
-
+    ``/dev/shm``), or an HF engine. With ``rollout.engine_per = "node"`` one such engine, on the
+    node's first rank (on CUDA vLLM spans the node's GPUs), serves all of the node's ranks."""
     r = cfg.rollout
     sharded = dist is not None and dist.active
-    if r.engine == "vllm" or (r.engine == "auto" and importlib.util.find_spec("vllm") is not None):
-        engine = _start_vllm(cfg, model, tok, dist if sharded else None)
+    if sharded and r.engine_per == "node":  # one engine on the node's first rank serves the node's ranks
+        channel = dist.node_channel()
+        dist.say(f"[tirl] one rollout engine per node, on its first rank, serving its {channel.size} ranks")
+        inner = _own_engine(cfg, model, tok, dist, whole_node=True) if channel.leader else None
+        return NodeEngine(inner, channel, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    if sharded:
+        return _own_engine(cfg, model, tok, dist)
+    if _wants_vllm(r):
+        engine = _start_vllm(cfg, model, tok, None)
         if engine is not None:
             return engine
-    if sharded:  # a whole copy of its own, read from the model's files (the trainer's is sharded)
-        m = cfg.model
-        whole, _ = load_model(m.name, m.dtype, m.cache_dir, str(device_of(model)), m.compute)
-        return HFEngine(whole, tok, r.generation_batch_size, own_weights=True)
     return HFEngine(model, tok, r.generation_batch_size)
 
 
-def _start_vllm(cfg: Config, model, tok, dist: Dist | None):
+def _wants_vllm(r) -> bool:
+    import importlib.util
+
+    return r.engine == "vllm" or (r.engine == "auto" and importlib.util.find_spec("vllm") is not None)
+
+
+def _own_engine(cfg: Config, model, tok, dist: Dist, whole_node: bool = False):
+    """Under torchrun, an engine with a whole copy of the weights of its own: a vLLM (its engine
+    core in a process of its own), else an HF engine read from the model's files (the trainer's
+    copy is sharded). ``whole_node``: the node's one engine (its GPUs, its cores)."""
+    if _wants_vllm(cfg.rollout):
+        engine = _start_vllm(cfg, model, tok, dist, whole_node)
+        if engine is not None:
+            return engine
+    m = cfg.model
+    whole, _ = load_model(m.name, m.dtype, m.cache_dir, str(device_of(model)), m.compute)
+    return HFEngine(whole, tok, cfg.rollout.generation_batch_size, own_weights=True)
+
+
+def _start_vllm(cfg: Config, model, tok, dist: Dist | None, whole_node: bool = False):
     """A vLLM engine, or None (``auto`` falls back to HF) when it cannot start. ``dist``: under
-    torchrun, this rank's own engine, its engine core in a separate process."""
+    torchrun, this rank's own engine (or with ``whole_node`` its node's), its engine core in a
+    separate process."""
     from tirl.models import resolve_model_path
 
     r = cfg.rollout
     say = dist.say if dist is not None else (lambda m: print(m, flush=True))
     in_process = r.vllm_in_process and dist is None
+    device = resolve_device(cfg.model.device)
+    tp = r.vllm_tensor_parallel or (dist.node_channel().size if whole_node and device.startswith("cuda") else 1)
+    if tp > 1 and not device.startswith("cuda"):
+        raise TirlError(f"rollout.vllm_tensor_parallel = {tp} on {device}: tensor-parallel vLLM is supported on CUDA "
+                        "only here. Fix: rollout.vllm_tensor_parallel = 1")
     try:
         from tirl.rollout.vllm_engine import VLLMEngine
 
         dtype = cfg.model.compute if r.vllm_dtype == "auto" else r.vllm_dtype
+        where = ("; under torchrun every rank starts its own, its engine core in a process of its own, weights "
+                 "through /dev/shm after every update" if dist is not None and not whole_node else
+                 f"; the node's one engine (tensor-parallel over {tp}), weights through /dev/shm" if dist else "")
         say("[tirl] starting vLLM (on 2 CPU cores this takes about 1-2 minutes: engine process, weights, KV cache, "
-            "warm-up)" + ("; under torchrun every rank starts its own, its engine core in a process of its own, "
-                          "weights through /dev/shm after every update" if dist is not None else ""))
+            "warm-up)" + where)
         t0 = time.perf_counter()
-        env = dist.own_process_env(resolve_device(cfg.model.device)) if dist is not None else contextlib.nullcontext()
+        env = dist.own_process_env(device, whole_node) if dist is not None else contextlib.nullcontext()
         with env:
             engine = VLLMEngine(resolve_model_path(cfg.model.name, cfg.model.cache_dir), dtype=dtype,
                                 memory_fraction=r.vllm_memory_fraction, max_model_len=4096, seed=cfg.train.seed,
                                 kv_cache_gb=r.vllm_kv_cache_gb, in_process=in_process,
                                 block_size=r.vllm_block_size, max_num_seqs=r.vllm_max_num_seqs,
-                                sessions=r.vllm_sessions)
+                                sessions=r.vllm_sessions, tensor_parallel=tp)
     except Exception as e:  # noqa: BLE001 - e.g. a CUDA build of vLLM on a CPU machine
         msg = f"vLLM could not start ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
         if dist is not None:
@@ -341,7 +371,8 @@ class Trainer:
                       f"({e.limit or 'all'} problems x {e.n})")
 
         def run() -> dict[str, float]:
-            res = evaluate(self.model, self.tok, self.cfg, self.sandbox, self.verifier, out_dir, engine=self.engine)
+            engine = getattr(self.engine, "local", None) or self.engine  # a node's engine, used directly by its holder
+            res = evaluate(self.model, self.tok, self.cfg, self.sandbox, self.verifier, out_dir, engine=engine)
             flat = {f"eval/{b}/{k}": v for b, r in res["benches"].items() for k, v in {**r["scores"], **r["tool"]}.items()}
             return flat | {f"eval/avg/{k}": v for k, v in res["average"].items()}
 
@@ -487,7 +518,7 @@ def train(cfg: Config, progress: bool = True, resume: Path | None = None) -> Pat
         trainer.close()
         raise
     run.log_event("start" if resume is None else "resume", steps=cfg.train.steps, model=cfg.model.name,
-                  sandbox=describe(trainer.sandbox), engine=type(trainer.engine).__name__, from_step=trainer.done.step,
+                  sandbox=describe(trainer.sandbox), engine=getattr(trainer.engine, "name", type(trainer.engine).__name__), from_step=trainer.done.step,
                   **dist.describe())
     bar = tqdm(total=cfg.train.steps, initial=trainer.done.step, desc=f"tirl {cfg.recipe}", unit="step",
                disable=not (progress and dist.writer), dynamic_ncols=True)

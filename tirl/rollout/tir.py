@@ -123,6 +123,8 @@ def resolve_mode(mode: str, engine) -> str:
     """``auto``: async for an engine with continuous batching (vLLM), lock-step otherwise — a
     static-batch engine gains little from async turns, and lock-step keeps its sampling
     reproducible (the batch composition, hence the random stream, does not depend on timing)."""
+    if getattr(engine, "lockstep_only", False):  # a node's shared engine: every call is a collective
+        return "lockstep"
     if mode == "auto":
         return "async" if hasattr(engine, "agenerate") else "lockstep"
     return mode
@@ -169,6 +171,10 @@ def rollout(
             for b in active:
                 if sessions and b.done:
                     engine.release(b)
+    end_round = getattr(engine, "end_round", None)  # a shared engine: serve the other ranks until they are done
+    if end_round is not None:
+        with clock.span("gen"):
+            end_round()
     return [b.t for b in builders], clock.times
 
 

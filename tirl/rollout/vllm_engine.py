@@ -60,7 +60,8 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", memory_fraction: float = 0.2,
                  max_model_len: int = 4096, seed: int = 0, kv_cache_gb: int | None = None, in_process: bool = True,
-                 block_size: int | None = None, max_num_seqs: int | None = None, sessions: bool = True):
+                 block_size: int | None = None, max_num_seqs: int | None = None, sessions: bool = True,
+                 tensor_parallel: int = 1):
         # in-process: weight sync is a call with the tensors; otherwise vLLM's engine-core process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # start-up messages don't flood the console
@@ -81,6 +82,8 @@ class VLLMEngine:
             # 2 cores). 32 (the smallest size the CPU kernels prefer) made turns ~1.5x cheaper.
             block_size = 32
         kw = {"block_size": block_size} if block_size else {}
+        if tensor_parallel > 1:  # the weights split over this many GPUs (vLLM's own workers, one per GPU)
+            kw["tensor_parallel_size"] = tensor_parallel
         if max_num_seqs:  # requests decoded together; more wait in vLLM's queue and take a slot as one leaves
             kw["max_num_seqs"] = max_num_seqs
         if current_platform.is_cpu():
@@ -92,6 +95,7 @@ class VLLMEngine:
         core = _inproc_core(self.llm.llm_engine)
         if in_process and core is not None:
             _LIVE_CORES.add(core)  # its shutdown keeps vLLM's parallel state while others live
+        self._dtype = self.llm.llm_engine.model_config.dtype  # what the weights are cast to on every reload
         self.tok = self.llm.get_tokenizer()
         self.eos_ids = {self.tok.eos_token_id}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -376,7 +380,7 @@ class VLLMEngine:
         elif via == "disk":
             with (place or _own_folder)() as (path, writes, ready):
                 if writes:
-                    _save_full_state(model, path, tensors)
+                    _save_full_state(model, path, tensors, dtype=self._dtype)
                 else:
                     for _ in tensors if tensors is not None else ():
                         pass
@@ -494,14 +498,18 @@ def _own_folder():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _save_full_state(model, path: str, tensors=None, shard_bytes: int = 1 << 30) -> None:
+def _save_full_state(model, path: str, tensors=None, shard_bytes: int = 1 << 30, dtype=None) -> None:
     """Every named tensor, tied ones included, as safetensors files (+ the config). Tensors gathered
     from shards (``tensors``, a sharded trainer's) are written in files of about ``shard_bytes``, so
     no more than one file's worth of them is held at once; vLLM loads every ``*.safetensors`` there.
 
     ``save_pretrained`` drops tied duplicates (``lm_head.weight`` of a tied-embedding model);
     vLLM's in-place reload then keeps its old LM head (tied at start-up, untied by the reload):
-    measured 0.7 nats off after one update. Writing the duplicate explicitly keeps them equal."""
+    measured 0.7 nats off after one update. Writing the duplicate explicitly keeps them equal.
+
+    ``dtype``: the engine's, to which floating tensors are cast as they are written (vLLM casts
+    them so when it loads them: the same rounding): a float32 trainer's 32B model is then 64 GB in
+    ``/dev/shm``, not 128."""
     from safetensors.torch import save_file
 
     state, seen, size, files = {}, set(), 0, 0
@@ -515,7 +523,11 @@ def _save_full_state(model, path: str, tensors=None, shard_bytes: int = 1 << 30)
     for k, v in tensors if tensors is not None else model.state_dict().items():
         t = v.detach().contiguous().cpu()  # (a no-op on CPU, where tied tensors keep one storage)
         key = (t.data_ptr(), t.numel(), t.dtype)
-        state[k] = t.clone() if key in seen else t  # safetensors refuses shared storage
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)  # a new tensor: tied ones are new storages already
+        else:
+            t = t.clone() if key in seen else t  # safetensors refuses shared storage
+        state[k] = t
         seen.add(key)
         size += t.numel() * t.element_size()
         if size >= shard_bytes and tensors is not None:  # gathered tensors: hold one shard, not the model
