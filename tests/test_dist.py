@@ -158,25 +158,6 @@ def test_two_ranks_equal_one_rank_grpo(grpo):
         assert [json.loads(x)["token_ids"] for x in a] == [json.loads(x)["token_ids"] for x in b]
 
 
-def test_a_node_engine_serving_both_ranks_samples_what_one_process_does(tiny_model_dir, toy, grpo):
-    """``rollout.engine_per = "node"``: the node's first rank alone holds an engine (its own copy
-    of the weights) and both ranks send it their turns, in lock step; each rank still runs its
-    own trajectories. The same trajectories, token for token, the same metrics rows and the same
-    final weights as one process (the ``grpo`` fixture's), so the engine follows the updates."""
-    data, out = toy
-    p = _run(_common(tiny_model_dir, data, out, "node", **{"rollout.engine_per": "node"}), ranks=2)
-    _ok(p)
-    assert p.stdout.count("one rollout engine per node, on its first rank, serving its 2 ranks") == 1
-    _assert_same_weights(grpo["one"], out / "node")
-    _assert_same_rows(grpo["one"], out / "node", [1, 2, 3])
-    for step in (1, 2, 3):
-        a = (grpo["one"] / "trajectories" / f"step_{step:06d}.jsonl").read_text().splitlines()
-        b = (out / "node" / "trajectories" / f"step_{step:06d}.jsonl").read_text().splitlines()
-        assert [json.loads(x)["token_ids"] for x in a] == [json.loads(x)["token_ids"] for x in b]
-    start = json.loads((out / "node" / "events.jsonl").read_text().splitlines()[0])
-    assert start["engine"] == "NodeEngine(HFEngine)"
-
-
 def test_ppo_with_a_critic_two_ranks_equal_one_rank(tiny_model_dir, toy):
     """ReTool's shape: SFT first (``sft.before_rl``, each rank on its share of the traces), then PPO
     with a critic (GAE whitened over every rank's tokens, the value loss over the global batch) and
@@ -205,17 +186,29 @@ def test_checkpoints_resume_at_the_other_world_size(grpo, tmp_path):
         _assert_same_rows(grpo["one"], tmp_path / name, [3])
 
 
-def test_a_failing_rank_ends_the_attempt_and_max_restarts_resumes_the_run(tiny_model_dir, toy, grpo):
+def test_a_failing_rank_ends_the_attempt_and_max_restarts_resumes_the_run_on_a_node_engine(tiny_model_dir, toy, grpo):
     """Rank 1 raises in the middle of step 3 (in the first attempt only), under ``torchrun
     --max-restarts 1``: the attempt ends well within 60 s of the error (the restart's start event
     follows it), the error is printed once with its rank (the other rank says in one line that
     it stopped because of it) and is in events.jsonl; torchrun brings the job back, it resumes
     the named run from its last checkpoint (2 ranks) and finishes with the uninterrupted run's
-    weights."""
+    weights.
+
+    The job also runs ``rollout.engine_per = "node"`` (one torchrun job for both, as each costs
+    ~20 s): the node's first rank alone holds an engine and both ranks send it their turns, in
+    lock step, each running its own trajectories. Every step's trajectories, token for token, and
+    the metrics rows are those of one process (the ``grpo`` fixture's), before and after the
+    resume, so the node's engine follows the updates and the restored weights."""
     data, out = toy
-    p = _run(_common(tiny_model_dir, data, out, "restart"), ranks=2, torchrun=["--standalone", "--max-restarts", "1"],
-             TIRL_TEST_FAIL="1:3")
+    p = _run(_common(tiny_model_dir, data, out, "restart", **{"rollout.engine_per": "node"}), ranks=2,
+             torchrun=["--standalone", "--max-restarts", "1"], TIRL_TEST_FAIL="1:3")
     _ok(p)
+    assert p.stdout.count("one rollout engine per node, on its first rank, serving its 2 ranks") == 2  # each attempt
+    _assert_same_rows(grpo["one"], out / "restart", [1, 2, 3])
+    for step in (1, 2, 3):
+        a = (grpo["one"] / "trajectories" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        b = (out / "restart" / "trajectories" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["token_ids"] for x in a] == [json.loads(x)["token_ids"] for x in b]
     text = p.stdout + p.stderr
     assert text.count("[tirl] rank 1 of 2 failed: RuntimeError: simulated crash of rank 1 at step 3") == 1, text[-4000:]
     assert text.count("Traceback (most recent call last)") <= 2  # ours (rank 1), and torchrun's own summary
@@ -225,6 +218,7 @@ def test_a_failing_rank_ends_the_attempt_and_max_restarts_resumes_the_run(tiny_m
     assert [(e["rank"], e["step"]) for e in errors] == [(1, 3)]
     later = [e["time"] for e in events if e["time"] > errors[0]["time"] and e["event"] in ("start", "resume")]
     assert later and later[0] - errors[0]["time"] < 60, events
+    assert {e["engine"] for e in events if e["event"] in ("start", "resume")} == {"NodeEngine(HFEngine)"}
     _assert_same_weights(grpo["one"], out / "restart")
 
 
@@ -298,7 +292,10 @@ def test_two_nodes_on_localhost_train_the_embedded_model(toy, tmp_path):
     port = _free_port()
     args = _common(model, data, tmp_path / "runs", "nodes", **{
         "train.steps": 2, "train.save_every": 0, "rollout.prompts_per_step": 2, "rollout.group_size": 2,
-        "rollout.max_tokens_per_turn": 8, "rollout.max_response_tokens": 8, "optim.lr": 1e-5, "model.dtype": "float32"})
+        "rollout.max_tokens_per_turn": 8, "rollout.max_response_tokens": 8, "optim.lr": 1e-5, "model.dtype": "float32",
+        # one micro-batch, no refills, a short prompt: the test is the rendezvous and the collectives
+        "optim.micro_batch_size": 4, "algo.dynamic_sampling": False, "algo.resample_on_correct": 1,
+        "prompt.style": "raw", "prompt.template": "{problem} ="})
     agents = []
     for node in (0, 1):
         rdzv = ["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
