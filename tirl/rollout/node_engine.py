@@ -92,11 +92,6 @@ class NodeEngine:
         else:
             _consume(tensors)
 
-    def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            close()
-
     def _serve(self, got: list[_Request | None]) -> list[Any]:
         """On the leader: every rank's rows, one ``generate`` per (params, stop), split back."""
         if all(r is None for r in got):

@@ -507,9 +507,10 @@ def _save_full_state(model, path: str, tensors=None, shard_bytes: int = 1 << 30,
     vLLM's in-place reload then keeps its old LM head (tied at start-up, untied by the reload):
     measured 0.7 nats off after one update. Writing the duplicate explicitly keeps them equal.
 
-    ``dtype``: the engine's, to which floating tensors are cast as they are written (vLLM casts
-    them so when it loads them: the same rounding): a float32 trainer's 32B model is then 64 GB in
-    ``/dev/shm``, not 128."""
+    ``dtype``: the engine's, to which floating tensors are cast as they are written. vLLM's loaders
+    cast with ``param.data.copy_(loaded)`` (``default_weight_loader``; the stacked qkv / gate-up
+    loaders also end in ``copy_``), which rounds as ``Tensor.to`` does, so the engine gets the same
+    values; a float32 trainer's 32B model is then 64 GB in ``/dev/shm``, not 128."""
     from safetensors.torch import save_file
 
     state, seen, size, files = {}, set(), 0, 0
